@@ -1,0 +1,92 @@
+"""What a compression run reports: per matrix and for the whole model, both ratio
+accountings (eq. 11 `effective`, eq. 10 `storage` with the bitmask), errors and costs."""
+from __future__ import annotations
+
+import resource
+from dataclasses import asdict, dataclass, field
+
+from .budget import ratios
+
+
+def peak_rss_mb() -> float:
+    """Peak resident memory of this process so far, in MiB (Linux ru_maxrss is KiB)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+
+
+@dataclass
+class MatrixReport:
+    """One compressed linear: `rank` for low rank, `atoms`/`sparsity` for dictionaries;
+    output_error = ||X (W - W')||_F / ||X W||_F on the calibration inputs."""
+
+    layer: int
+    name: str
+    d1: int
+    d2: int
+    effective_params: int
+    storage_words: float
+    output_error: float
+    seconds: float
+    rank: int | None = None
+    atoms: int | None = None
+    sparsity: int | None = None
+
+    @property
+    def ratios(self) -> dict[str, float]:
+        return ratios(self.d1 * self.d2, self.effective_params, self.storage_words)
+
+
+@dataclass
+class CompressionReport:
+    """A whole run. dense_params counts every unique parameter of the dense model;
+    the compressed model keeps all of them except the compressed linears' weights."""
+
+    method: str
+    ratio: float
+    options: dict
+    dense_params: int
+    matrices: list[MatrixReport] = field(default_factory=list)
+    seconds: float = 0.0
+    peak_rss_mb: float = 0.0
+    calibration: dict = field(default_factory=dict)
+
+    @property
+    def linear_params(self) -> int:
+        return sum(m.d1 * m.d2 for m in self.matrices)
+
+    @property
+    def linear_ratios(self) -> dict[str, float]:
+        """Both accountings over the compressed linears only."""
+        return ratios(self.linear_params, sum(m.effective_params for m in self.matrices),
+                      sum(m.storage_words for m in self.matrices))
+
+    @property
+    def model_ratios(self) -> dict[str, float]:
+        """Both accountings over all parameters (embeddings, norms, biases included)."""
+        rest = self.dense_params - self.linear_params
+        return ratios(self.dense_params, rest + sum(m.effective_params for m in self.matrices),
+                      rest + sum(m.storage_words for m in self.matrices))
+
+    @property
+    def compressed_params(self) -> int:
+        return self.dense_params - self.linear_params + sum(m.effective_params for m in self.matrices)
+
+    def to_dict(self) -> dict:
+        """A JSON-ready dict with the derived ratios included."""
+        out = asdict(self)
+        out.update(linear_ratios=self.linear_ratios, model_ratios=self.model_ratios,
+                   compressed_params=self.compressed_params)
+        return out
+
+
+def results_table(rows: list[dict]) -> str:
+    """A Markdown table of result rows; each row maps column title -> value."""
+    if not rows:
+        return ""
+    heads = list(rows[0])
+    def fmt(v: object) -> str:
+        if isinstance(v, float):
+            return f"{v:.4g}" if abs(v) < 1e4 else f"{v:.3e}"
+        return str(v)
+    lines = ["| " + " | ".join(heads) + " |", "|" + "---|" * len(heads)]
+    lines += ["| " + " | ".join(fmt(r.get(h, "")) for h in heads) + " |" for r in rows]
+    return "\n".join(lines)

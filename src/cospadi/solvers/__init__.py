@@ -1,0 +1,9 @@
+"""Pure solvers: (weight (d1, d2), Gram (d1, d1), budget) -> factors. No model code here."""
+from .dictionary import cospadi, learn_dictionary
+from .factors import LowRankFactors, SparseDictFactors
+from .lowrank import svd, svd_llm
+from .omp import batch_omp
+from .whitening import cholesky_upper, unwhiten, whiten, output_error
+
+__all__ = ["batch_omp", "cholesky_upper", "cospadi", "learn_dictionary", "LowRankFactors",
+           "SparseDictFactors", "svd", "svd_llm", "unwhiten", "whiten", "output_error"]
