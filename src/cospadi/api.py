@@ -1,0 +1,69 @@
+"""The Python API: compress a model you already hold, measure perplexity, save, load.
+
+    model, tok = cospadi.load_model("smollm2-135m")
+    model, report = cospadi.compress(model, tok, method="cospadi", ratio=0.3)
+    print(cospadi.perplexity_on_texts(model, tok, cospadi.load_corpus("wiki")[1]))
+"""
+from __future__ import annotations
+
+import torch
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+from .budget import check_ratio
+from .data import calibration_windows, evaluation_windows, load_corpus, tokenize_corpus
+from .evaluate import perplexity
+from .methods import SolverOptions, check_method
+from .models import needs_bos
+from .pipeline import compress_blocks
+from .report import CompressionReport
+
+DEFAULT_CALIB_SAMPLES = 32
+DEFAULT_SEQ_LEN = 512
+DEFAULT_EVAL_WINDOWS = 32
+
+
+def _bos(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> int | None:
+    return tokenizer.bos_token_id if needs_bos(tokenizer, model) else None
+
+
+def calibration_ids(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, texts: list[str] | None = None,
+                    samples: int = DEFAULT_CALIB_SAMPLES, seq_len: int = DEFAULT_SEQ_LEN, seed: int = 42) -> torch.Tensor:
+    """(samples, seq_len) token windows drawn with `seed` from `texts` (default: the
+    built-in wiki calibration split), BOS-prefixed for models that need it."""
+    texts = load_corpus("wiki")[0] if texts is None else texts
+    return calibration_windows(tokenize_corpus(tokenizer, texts), samples, seq_len, seed, _bos(model, tokenizer))
+
+
+def evaluation_ids(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, texts: list[str] | None = None,
+                   seq_len: int = DEFAULT_SEQ_LEN, max_windows: int | None = DEFAULT_EVAL_WINDOWS) -> torch.Tensor:
+    """(n, seq_len) non-overlapping windows from the start of `texts` (default: the
+    built-in wiki held-out split), at most `max_windows`, BOS-prefixed where needed."""
+    texts = load_corpus("wiki")[1] if texts is None else texts
+    return evaluation_windows(tokenize_corpus(tokenizer, texts), seq_len, max_windows, _bos(model, tokenizer))
+
+
+def compress(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, texts: list[str] | None = None, *,
+             input_ids: torch.Tensor | None = None, method: str = "cospadi", ratio: float = 0.3, rho: float = 2.0, iters: int = SolverOptions.iters,
+             power_iters: int = SolverOptions.power_iters, seed: int = 42,
+             calib_samples: int = DEFAULT_CALIB_SAMPLES, seq_len: int = DEFAULT_SEQ_LEN, batch_size: int = 8,
+             progress: bool = True) -> tuple[PreTrainedModel, CompressionReport]:
+    """Compress `model` in place: every q/k/v/o/gate/up/down linear of every block becomes
+    a DictLinear (method "cospadi") or LowRankLinear ("svd", "svd-llm") removing `ratio`
+    of its weights, calibrated on `calib_samples` windows of `seq_len` tokens of `texts`
+    (or on the given `input_ids` (N, L) windows). Returns the same model object and a CompressionReport."""
+    check_method(method)
+    options = SolverOptions(rho=rho, iters=iters, power_iters=power_iters, seed=seed)
+    check_ratio(ratio)
+    if input_ids is None:
+        input_ids = calibration_ids(model, tokenizer, texts, calib_samples, seq_len, seed)
+    report = compress_blocks(model, input_ids, method, ratio, options, batch_size=batch_size, progress=progress)
+    return model, report
+
+
+def perplexity_on_texts(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, texts: list[str] | None = None,
+                        seq_len: int = DEFAULT_SEQ_LEN, max_windows: int | None = DEFAULT_EVAL_WINDOWS,
+                        batch_size: int = 4, progress: bool = True) -> float:
+    """Token-level perplexity on non-overlapping `seq_len` windows of `texts` (default:
+    the built-in wiki held-out split), at most `max_windows` of them."""
+    windows = evaluation_ids(model, tokenizer, texts, seq_len, max_windows)
+    return perplexity(model, windows, batch_size=batch_size, progress=progress)

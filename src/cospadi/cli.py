@@ -1,0 +1,132 @@
+"""`cospadi` command line: a thin layer over the Python API (api.py)."""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+
+import torch
+
+from . import api
+from .budget import check_ratio
+from .checkpoint import save
+from .data import load_corpus
+from .errors import CospadiError
+from .evaluate import perplexity
+from .methods import METHODS, SolverOptions
+from .models import load_model
+from .report import CompressionReport, peak_rss_mb, results_table
+
+
+def _add_text_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default="smollm2-135m",
+                   help="built-in name (smollm2-135m, gemma3-270m), local folder, or hub id")
+    p.add_argument("--data", default="wiki", help="'wiki' (built-in) or a .txt / .jsonl file")
+    p.add_argument("--seq-len", type=int, default=api.DEFAULT_SEQ_LEN, help="tokens per window")
+    p.add_argument("--eval-windows", type=int, default=api.DEFAULT_EVAL_WINDOWS,
+                   help="held-out windows for perplexity (0: skip evaluation)")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="cospadi", description="Training-free LLM compression with "
+                                     "calibration-guided sparse dictionaries (CoSpaDi) and low-rank baselines.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    c = sub.add_parser("compress", help="compress a model and report ratio, perplexity, time and memory")
+    _add_text_args(c)
+    c.add_argument("--method", default="cospadi", help=f"one of {', '.join(METHODS)}")
+    c.add_argument("--ratio", type=float, default=0.3, help="fraction of each linear's weights removed, in (0, 1)")
+    c.add_argument("--rho", type=float, default=SolverOptions.rho, help="atoms per nonzero, k / s (paper: 2)")
+    c.add_argument("--iters", type=int, default=SolverOptions.iters, help="dictionary alternations (paper: 60)")
+    c.add_argument("--power-iters", type=int, default=SolverOptions.power_iters,
+                   help="power iterations per atom update (paper: 8)")
+    c.add_argument("--calib-samples", type=int, default=api.DEFAULT_CALIB_SAMPLES,
+                   help="calibration windows (paper: 256)")
+    c.add_argument("--seed", type=int, default=42, help="seed of calibration sampling and dictionary init")
+    c.add_argument("--batch-size", type=int, default=8, help="calibration windows per forward pass")
+    c.add_argument("--out", default=None, help="save the compressed model to this folder")
+    c.add_argument("--json", default=None, help="write the full report (per matrix) to this JSON file")
+    e = sub.add_parser("eval", help="perplexity of a model or of a saved cospadi output folder")
+    _add_text_args(e)
+    return parser
+
+
+def _positive(name: str, value: int) -> None:
+    if value < 1:
+        raise CospadiError(f"{name} {value} must be at least 1")
+
+
+def run_compress(args: argparse.Namespace) -> list[dict]:
+    """Validate everything cheap first, then load, evaluate, compress, evaluate, save."""
+    check_ratio(args.ratio)
+    options = SolverOptions(rho=args.rho, iters=args.iters, power_iters=args.power_iters, seed=args.seed)
+    if args.method not in METHODS:
+        raise CospadiError(f"unknown method {args.method!r}; choose one of: {', '.join(METHODS)}")
+    if args.eval_windows < 0:
+        raise CospadiError(f"--eval-windows {args.eval_windows} must be 0 (skip) or more")
+    for name in ("calib_samples", "seq_len", "batch_size"):
+        _positive("--" + name.replace("_", "-"), getattr(args, name))
+    calib_texts, eval_texts = load_corpus(args.data)
+    model, tokenizer = load_model(args.model)
+    ids = api.calibration_ids(model, tokenizer, calib_texts, args.calib_samples, args.seq_len, args.seed)
+    windows = api.evaluation_ids(model, tokenizer, eval_texts, args.seq_len, args.eval_windows) \
+        if args.eval_windows else None
+    dense_ppl = _evaluate(model, windows, args, "dense perplexity")
+    model, report = api.compress(model, tokenizer, input_ids=ids, method=args.method, ratio=args.ratio,
+                                 rho=args.rho, iters=args.iters, power_iters=args.power_iters, seed=args.seed,
+                                 batch_size=args.batch_size, progress=not args.quiet)
+    ppl = _evaluate(model, windows, args, "compressed perplexity")
+    row = _row(report, dense_ppl, ppl)
+    if args.json:
+        with open(args.json, "w") as fh:
+            json.dump({"summary": row, "report": report.to_dict()}, fh, indent=1)
+    if args.out:
+        save(model, tokenizer, args.out, {"summary": row, **report.to_dict()})
+    return [row]
+
+
+def _evaluate(model, windows: torch.Tensor | None, args: argparse.Namespace, desc: str) -> float | None:
+    if windows is None:
+        return None
+    return perplexity(model, windows, progress=not args.quiet, desc=desc)
+
+
+def _row(report: CompressionReport, dense_ppl: float | None, ppl: float | None) -> dict:
+    lin, mod = report.linear_ratios, report.model_ratios
+    return {"method": report.method, "ratio": report.ratio,
+            "eff. ratio (linears / model)": f"{lin['effective']:.3f} / {mod['effective']:.3f}",
+            "storage ratio (linears / model)": f"{lin['storage']:.3f} / {mod['storage']:.3f}",
+            "params (M)": f"{report.dense_params / 1e6:.1f} -> {report.compressed_params / 1e6:.1f}",
+            "dense ppl": dense_ppl if dense_ppl is not None else "-", "ppl": ppl if ppl is not None else "-",
+            "time (s)": round(report.seconds, 1), "peak RSS (MiB)": round(report.peak_rss_mb)}
+
+
+def run_eval(args: argparse.Namespace) -> list[dict]:
+    _positive("--seq-len", args.seq_len)
+    _positive("--eval-windows", args.eval_windows)
+    _, eval_texts = load_corpus(args.data)
+    model, tokenizer = load_model(args.model)
+    start = time.perf_counter()
+    ppl = api.perplexity_on_texts(model, tokenizer, eval_texts, args.seq_len, args.eval_windows,
+                                  progress=not args.quiet)
+    return [{"model": args.model, "windows": f"{args.eval_windows} x {args.seq_len}", "token ppl": ppl,
+             "time (s)": round(time.perf_counter() - start, 1), "peak RSS (MiB)": round(peak_rss_mb())}]
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    try:
+        rows = run_compress(args) if args.command == "compress" else run_eval(args)
+    except CospadiError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    print(results_table(rows))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
