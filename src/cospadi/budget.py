@@ -66,9 +66,10 @@ def check_rho(rho: float) -> None:
 
 
 def lowrank_budget(d1: int, d2: int, ratio: float) -> LowRankBudget:
-    """r = floor((1 - ratio) d1 d2 / (d1 + d2)), at least 1."""
+    """r = floor((1 - ratio) d1 d2 / (d1 + d2)), at least 1 (a 1e-9 slack keeps
+    1 - 0.3 = 0.69999... from flooring an exact integer one too low)."""
     check_ratio(ratio)
-    rank = max(1, math.floor((1.0 - ratio) * d1 * d2 / (d1 + d2)))
+    rank = max(1, math.floor((1.0 - ratio) * d1 * d2 / (d1 + d2) + 1e-9))
     return LowRankBudget(d1, d2, rank)
 
 

@@ -85,26 +85,28 @@ def _update_atoms(d: torch.Tensor, coef: torch.Tensor, support: torch.Tensor, re
     of E found by power iteration from d_i; residual[:, Omega] <- E - d_i coef[i, Omega].
     An unused atom is re-seeded with the worst-fitted residual column (no code uses it,
     so the objective is unchanged until the next sparse coding)."""
+    rt = residual.T.contiguous()  # columns of the residual as contiguous rows
     for i in range(d.shape[1]):
         omega = support[i].nonzero().squeeze(1)
         if omega.numel() == 0:
-            worst = (residual * residual).sum(0).argmax()
-            norm = residual[:, worst].norm()
+            worst = (rt * rt).sum(1).argmax()
+            norm = rt[worst].norm()
             if norm > 0:
-                d[:, i] = residual[:, worst] / norm
+                d[:, i] = rt[worst] / norm
             continue
-        e = residual[:, omega] + d[:, i : i + 1] * coef[i, omega]
+        et = rt.index_select(0, omega).addr_(coef[i, omega], d[:, i])  # E^T (|Omega|, n)
         u = d[:, i]
         for _ in range(power_iters):
-            nxt = e @ (e.T @ u)
+            nxt = et.T @ (et @ u)
             norm = nxt.norm()
             if not norm > 0:
                 break
             u = nxt / norm
-        v = e.T @ u
+        v = et @ u
         d[:, i] = u
         coef[i, omega] = v
-        residual[:, omega] = e - u[:, None] * v
+        rt.index_copy_(0, omega, et.addr_(v, u, alpha=-1.0))
+    residual.copy_(rt.T)
 
 
 def cospadi(weight: torch.Tensor, gram: torch.Tensor, budget: DictBudget, iters: int = 60,

@@ -8,7 +8,7 @@ import torch
 
 
 def batch_omp(dictionary: torch.Tensor, signals: torch.Tensor, sparsity: int,
-              chunk: int = 512, tol: float = 1e-6) -> tuple[torch.Tensor, torch.Tensor]:
+              chunk_bytes: int = 24 << 20, tol: float = 1e-6) -> tuple[torch.Tensor, torch.Tensor]:
     """Code each column of `signals` (n, m) with exactly `sparsity` = s distinct atoms of
     `dictionary` (n, k), s <= k, by orthogonal matching pursuit.
 
@@ -16,7 +16,8 @@ def batch_omp(dictionary: torch.Tensor, signals: torch.Tensor, sparsity: int,
     rows indices[:, j] (ascending), the least-squares coefficients on that support.
     An atom nearly dependent on those already chosen gets a ridge of `tol` times its
     squared norm in the Cholesky factor, so coefficients stay finite. Columns are coded
-    `chunk` at a time to bound memory (chunk * s * s floats for the factors)."""
+    a chunk at a time, sized so the chunk's (c, s, k) state fits in `chunk_bytes`
+    (about the size of a last-level cache: larger chunks run several times slower)."""
     n, k = dictionary.shape
     m = signals.shape[1]
     if not 1 <= sparsity <= k:
@@ -27,6 +28,7 @@ def batch_omp(dictionary: torch.Tensor, signals: torch.Tensor, sparsity: int,
     correlations = dictionary.T @ signals
     indices = torch.empty(sparsity, m, dtype=torch.long, device=signals.device)
     values = torch.empty(sparsity, m, dtype=signals.dtype, device=signals.device)
+    chunk = max(8, chunk_bytes // (sparsity * k * signals.element_size()))
     for start in range(0, m, chunk):
         stop = min(start + chunk, m)
         sel, coef = _omp_chunk(gram, diag, inv_norm, correlations[:, start:stop].T.contiguous(), sparsity, tol)
@@ -39,34 +41,37 @@ def batch_omp(dictionary: torch.Tensor, signals: torch.Tensor, sparsity: int,
 def _omp_chunk(gram: torch.Tensor, diag: torch.Tensor, inv_norm: torch.Tensor, alpha0: torch.Tensor,
                sparsity: int, tol: float) -> tuple[torch.Tensor, torch.Tensor]:
     """OMP for c signals given their atom correlations alpha0 (c, k). Returns the chosen
-    atoms (c, s) in selection order and their coefficients (c, s)."""
+    atoms (c, s) in selection order and their coefficients (c, s).
+
+    With chol the Cholesky factor of G[sel, sel] and Q the orthonormalised chosen atoms,
+    proj = chol^{-1} G[sel, :] = Q^T D (t, k per signal) gives both the new Cholesky row
+    (its column `atom`) and D^T q of the new direction q, so the correlations
+    alpha = D^T r update in O(t k) per step with no triangular solve; the coefficients
+    come from one back substitution at the end."""
     c, k = alpha0.shape
     rows = torch.arange(c, device=alpha0.device)
     chol = torch.zeros(c, sparsity, sparsity, dtype=alpha0.dtype, device=alpha0.device)
-    sel = torch.zeros(c, sparsity, dtype=torch.long, device=alpha0.device)
+    proj = torch.empty(c, sparsity, k, dtype=alpha0.dtype, device=alpha0.device)
+    sel = torch.empty(c, sparsity, dtype=torch.long, device=alpha0.device)
     taken = torch.zeros(c, k, dtype=torch.bool, device=alpha0.device)
-    z = torch.zeros(c, sparsity, dtype=alpha0.dtype, device=alpha0.device)  # chol^{-1} alpha0[sel]
-    alpha = alpha0
-    coef = None
+    z = torch.empty(c, sparsity, dtype=alpha0.dtype, device=alpha0.device)  # Q^T y = chol^{-1} alpha0[sel]
+    alpha = alpha0.clone()
     for t in range(sparsity):
-        score = (alpha * inv_norm).abs().masked_fill_(taken, -1.0)
-        atom = score.argmax(dim=1)
+        atom = (alpha * inv_norm).abs().masked_fill_(taken, -1.0).argmax(dim=1)
         g_tt = diag[atom]
-        if t == 0:
-            chol[:, 0, 0] = g_tt.sqrt()
-        else:
-            # New Cholesky row: w = chol^{-1} G[sel, atom], l = sqrt(G[atom, atom] - |w|^2).
-            g = gram[atom].gather(1, sel[:, :t]).unsqueeze(-1)
-            w = torch.linalg.solve_triangular(chol[:, :t, :t], g, upper=False).squeeze(-1)
+        row = gram[atom]  # G[atom, :] (c, k)
+        if t:
+            w = proj[rows, :t, atom]  # chol^{-1} G[sel, atom] (c, t)
             chol[:, t, :t] = w
-            chol[:, t, t] = (g_tt - (w * w).sum(1)).clamp_min(tol * g_tt).sqrt()
+            diag_t = (g_tt - (w * w).sum(1)).clamp_min(tol * g_tt).sqrt()
+            row = row - torch.bmm(w.unsqueeze(1), proj[:, :t]).squeeze(1)
+        else:
+            diag_t = g_tt.sqrt()
+        chol[:, t, t] = diag_t
+        proj[:, t] = row / diag_t[:, None]
+        z[:, t] = alpha[rows, atom] / diag_t
         sel[:, t] = atom
         taken[rows, atom] = True
-        # Forward substitution extends by one entry; one back solve gives the coefficients.
-        z[:, t] = (alpha0[rows, atom] - (chol[:, t, :t] * z[:, :t]).sum(1)) / chol[:, t, t]
-        coef = torch.linalg.solve_triangular(chol[:, : t + 1, : t + 1].transpose(1, 2),
-                                             z[:, : t + 1].unsqueeze(-1), upper=True).squeeze(-1)
-        if t + 1 < sparsity:
-            dense = torch.zeros_like(alpha0).scatter_(1, sel[:, : t + 1], coef)
-            alpha = alpha0 - dense @ gram
+        alpha -= proj[:, t] * z[:, t, None]
+    coef = torch.linalg.solve_triangular(chol.transpose(1, 2), z.unsqueeze(-1), upper=True).squeeze(-1)
     return sel, coef
