@@ -8,7 +8,9 @@ import time
 
 import torch
 
-from . import api
+from pathlib import Path
+
+from . import api, bench
 from .budget import check_ratio
 from .checkpoint import save
 from .data import load_corpus
@@ -30,6 +32,15 @@ def _add_text_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--quiet", action="store_true", help="no progress bars")
 
 
+def _add_solver_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--rho", type=float, default=SolverOptions.rho, help="atoms per nonzero, k / s (paper: 2)")
+    p.add_argument("--iters", type=int, default=SolverOptions.iters, help="dictionary alternations (paper: 60)")
+    p.add_argument("--power-iters", type=int, default=SolverOptions.power_iters,
+                   help="power iterations per atom update (paper: 8)")
+    p.add_argument("--init", default=SolverOptions.init, help="dictionary start: svd (warm) or random (paper)")
+    p.add_argument("--seed", type=int, default=42, help="seed of calibration sampling and dictionary init")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="cospadi", description="Training-free LLM compression with "
                                      "calibration-guided sparse dictionaries (CoSpaDi) and low-rank baselines.")
@@ -38,16 +49,20 @@ def build_parser() -> argparse.ArgumentParser:
     _add_text_args(c)
     c.add_argument("--method", default="cospadi", help=f"one of {', '.join(METHODS)}")
     c.add_argument("--ratio", type=float, default=0.3, help="fraction of each linear's weights removed, in (0, 1)")
-    c.add_argument("--rho", type=float, default=SolverOptions.rho, help="atoms per nonzero, k / s (paper: 2)")
-    c.add_argument("--iters", type=int, default=SolverOptions.iters, help="dictionary alternations (paper: 60)")
-    c.add_argument("--power-iters", type=int, default=SolverOptions.power_iters,
-                   help="power iterations per atom update (paper: 8)")
+    _add_solver_args(c)
     c.add_argument("--calib-samples", type=int, default=api.DEFAULT_CALIB_SAMPLES,
                    help="calibration windows (paper: 256)")
-    c.add_argument("--seed", type=int, default=42, help="seed of calibration sampling and dictionary init")
     c.add_argument("--batch-size", type=int, default=8, help="calibration windows per forward pass")
     c.add_argument("--out", default=None, help="save the compressed model to this folder")
     c.add_argument("--json", default=None, help="write the full report (per matrix) to this JSON file")
+    b = sub.add_parser("bench", help="sweep methods x ratios, cache each cell, write a table into BENCHMARKS.md")
+    _add_text_args(b)
+    _add_solver_args(b)
+    b.add_argument("--methods", default=",".join(METHODS), help="comma-separated methods")
+    b.add_argument("--ratios", default="0.2,0.3,0.4,0.5", help="comma-separated ratios")
+    b.add_argument("--calib-samples", type=int, default=api.DEFAULT_CALIB_SAMPLES, help="calibration windows")
+    b.add_argument("--cache", default="runs/bench", help="folder of finished cells (a rerun skips them)")
+    b.add_argument("--output", default="BENCHMARKS.md", help="Markdown file to write the table into")
     e = sub.add_parser("eval", help="perplexity of a model or of a saved cospadi output folder")
     _add_text_args(e)
     return parser
@@ -61,7 +76,7 @@ def _positive(name: str, value: int) -> None:
 def run_compress(args: argparse.Namespace) -> list[dict]:
     """Validate everything cheap first, then load, evaluate, compress, evaluate, save."""
     check_ratio(args.ratio)
-    options = SolverOptions(rho=args.rho, iters=args.iters, power_iters=args.power_iters, seed=args.seed)
+    SolverOptions(rho=args.rho, iters=args.iters, power_iters=args.power_iters, init=args.init, seed=args.seed)
     if args.method not in METHODS:
         raise CospadiError(f"unknown method {args.method!r}; choose one of: {', '.join(METHODS)}")
     if args.eval_windows < 0:
@@ -75,8 +90,8 @@ def run_compress(args: argparse.Namespace) -> list[dict]:
         if args.eval_windows else None
     dense_ppl = _evaluate(model, windows, args, "dense perplexity")
     model, report = api.compress(model, tokenizer, input_ids=ids, method=args.method, ratio=args.ratio,
-                                 rho=args.rho, iters=args.iters, power_iters=args.power_iters, seed=args.seed,
-                                 batch_size=args.batch_size, progress=not args.quiet)
+                                 rho=args.rho, iters=args.iters, power_iters=args.power_iters, init=args.init,
+                                 seed=args.seed, batch_size=args.batch_size, progress=not args.quiet)
     ppl = _evaluate(model, windows, args, "compressed perplexity")
     row = _row(report, dense_ppl, ppl)
     if args.json:
@@ -115,12 +130,27 @@ def run_eval(args: argparse.Namespace) -> list[dict]:
              "time (s)": round(time.perf_counter() - start, 1), "peak RSS (MiB)": round(peak_rss_mb())}]
 
 
+def run_bench(args: argparse.Namespace) -> list[dict]:
+    options = SolverOptions(rho=args.rho, iters=args.iters, power_iters=args.power_iters, init=args.init, seed=args.seed)
+    try:
+        ratios = tuple(float(r) for r in args.ratios.split(","))
+    except ValueError:
+        raise CospadiError(f"--ratios {args.ratios!r} must be comma-separated numbers, e.g. 0.2,0.3") from None
+    sweep = bench.Sweep(model=args.model, data=args.data, methods=tuple(args.methods.split(",")), ratios=ratios,
+                        calib_samples=args.calib_samples, seq_len=args.seq_len, eval_windows=args.eval_windows,
+                        options=options)
+    rows = bench.table_rows(bench.run_sweep(sweep, Path(args.cache), progress=not args.quiet))
+    command = "cospadi " + " ".join(sys.argv[1:]) if sys.argv[1:2] == ["bench"] else "cospadi bench"
+    bench.write_section(Path(args.output), sweep.key, bench.describe(sweep, command) + "\n" + results_table(rows))
+    return rows
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
     try:
-        rows = run_compress(args) if args.command == "compress" else run_eval(args)
+        rows = {"compress": run_compress, "eval": run_eval, "bench": run_bench}[args.command](args)
     except CospadiError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

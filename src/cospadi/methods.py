@@ -11,6 +11,7 @@ from .budget import DictBudget, LowRankBudget, check_rho, dict_budget, lowrank_b
 from .errors import CospadiError
 from .modules import DictLinear, LowRankLinear
 from .solvers import cospadi, svd, svd_llm
+from .solvers.dictionary import INITS
 from .solvers.factors import LowRankFactors, SparseDictFactors
 
 METHODS = ("svd", "svd-llm", "cospadi")
@@ -22,12 +23,14 @@ Factors = LowRankFactors | SparseDictFactors
 class SolverOptions:
     """Options of the dictionary solver (ignored by the low-rank methods).
     rho = k / s; iters = alternations of sparse coding and dictionary update;
-    power_iters = power iterations per atom update; seed = dictionary initialisation.
-    The paper's setting is rho=2, iters=60, power_iters=8, seed=42."""
+    power_iters = power iterations per atom update; init = "svd" (start from the
+    whitened SVD basis) or "random" (k random columns, seeded by `seed`).
+    The paper's setting is rho=2, iters=60, power_iters=8, init="random", seed=42."""
 
     rho: float = 2.0
     iters: int = 6
     power_iters: int = 8
+    init: str = "svd"
     seed: int = 42
 
     def __post_init__(self) -> None:
@@ -36,6 +39,8 @@ class SolverOptions:
             raise CospadiError(f"iters {self.iters!r} must be a positive integer (the paper uses 60)")
         if int(self.power_iters) != self.power_iters or self.power_iters < 1:
             raise CospadiError(f"power_iters {self.power_iters!r} must be a positive integer (the paper uses 8)")
+        if self.init not in INITS:
+            raise CospadiError(f"init {self.init!r} is unknown; choose one of: {', '.join(INITS)}")
 
 
 def check_method(method: str) -> None:
@@ -60,7 +65,8 @@ def factorize(method: str, weight: torch.Tensor, gram: torch.Tensor, budget: Bud
         return svd(weight, gram, budget)
     if method == "svd-llm":
         return svd_llm(weight, gram, budget)
-    return cospadi(weight, gram, budget, iters=options.iters, power_iters=options.power_iters, seed=options.seed)
+    return cospadi(weight, gram, budget, iters=options.iters, power_iters=options.power_iters, seed=options.seed,
+                   init=options.init)
 
 
 def build_module(factors: Factors, bias: torch.Tensor | None, dtype: torch.dtype) -> nn.Module:

@@ -26,23 +26,33 @@ class DictionaryResult:
     objective: list[float] = field(default_factory=list)
 
 
-def initial_dictionary(signals: torch.Tensor, atoms: int, seed: int) -> torch.Tensor:
-    """k distinct columns of `signals` (n, m) chosen with torch.Generator(seed), scaled to
-    unit norm (METHOD.md step 1). Zero columns become seeded random unit vectors."""
+INITS = ("svd", "random")
+
+
+def initial_dictionary(signals: torch.Tensor, atoms: int, seed: int, init: str = "random") -> torch.Tensor:
+    """A unit-norm starting dictionary (n, k) for `signals` (n, m).
+    "random": k distinct columns chosen with torch.Generator(seed) (METHOD.md step 1);
+    "svd": the top left singular vectors (the rank-k optimum's basis) and, when k exceeds
+    the rank, seeded random columns for the rest. Zero columns become random unit vectors."""
+    if init not in INITS:
+        raise ValueError(f"init must be one of {INITS}")
     n, m = signals.shape
     gen = torch.Generator().manual_seed(seed)
     cols = torch.randperm(m, generator=gen)[:atoms].to(signals.device)
-    atoms_ = signals[:, cols].clone()
-    norms = atoms_.norm(dim=0)
+    start = signals[:, cols].clone()
+    if init == "svd":
+        basis = torch.linalg.svd(signals, full_matrices=False).U[:, :atoms]
+        start[:, : basis.shape[1]] = basis
+    norms = start.norm(dim=0)
     dead = norms <= torch.finfo(signals.dtype).eps * signals.abs().max().clamp_min(1.0)
     if bool(dead.any()):
-        atoms_[:, dead] = torch.randn(n, int(dead.sum()), generator=gen, dtype=signals.dtype).to(signals.device)
-        norms = atoms_.norm(dim=0)
-    return atoms_ / norms
+        start[:, dead] = torch.randn(n, int(dead.sum()), generator=gen, dtype=signals.dtype).to(signals.device)
+        norms = start.norm(dim=0)
+    return start / norms
 
 
 def learn_dictionary(signals: torch.Tensor, atoms: int, sparsity: int, iters: int,
-                     power_iters: int = 8, seed: int = 42, init: torch.Tensor | None = None,
+                     power_iters: int = 8, seed: int = 42, init: str | torch.Tensor = "random",
                      on_iter: Callable[[int, float], None] | None = None) -> DictionaryResult:
     """Minimise ||Y - D S||_F^2 over D (n, k) and S (k, m) with exactly s nonzeros per
     column of S, by `iters` alternations of (1) Batch-OMP sparse coding and (2) K-SVD atom
@@ -51,12 +61,15 @@ def learn_dictionary(signals: torch.Tensor, atoms: int, sparsity: int, iters: in
 
     The objective never increases: a column whose new OMP code fits worse than its
     previous code under the same dictionary keeps the previous one, and the warm-started
-    power iteration never lowers an atom's Rayleigh quotient. `init` (n, k) replaces the
-    random-column start. on_iter(t, objective) is called after each alternation."""
+    power iteration never lowers an atom's Rayleigh quotient. `init` names a start for
+    initial_dictionary or gives one (n, k). on_iter(t, objective) is called after each alternation."""
     if iters < 1:
         raise ValueError("iters must be at least 1")
     y = signals
-    d = (init.to(y) / init.to(y).norm(dim=0).clamp_min(1e-30)) if init is not None else initial_dictionary(y, atoms, seed)
+    if isinstance(init, torch.Tensor):
+        d = init.to(y) / init.to(y).norm(dim=0).clamp_min(torch.finfo(y.dtype).tiny)
+    else:
+        d = initial_dictionary(y, atoms, seed, init)
     coef = support = None
     history: list[float] = []
     for t in range(iters):
@@ -110,12 +123,12 @@ def _update_atoms(d: torch.Tensor, coef: torch.Tensor, support: torch.Tensor, re
 
 
 def cospadi(weight: torch.Tensor, gram: torch.Tensor, budget: DictBudget, iters: int = 60,
-            power_iters: int = 8, seed: int = 42, dtype: torch.dtype = torch.float32,
+            power_iters: int = 8, seed: int = 42, init: str = "random", dtype: torch.dtype = torch.float32,
             on_iter: Callable[[int, float], None] | None = None) -> SparseDictFactors:
     """CoSpaDi factors of W (d1, d2) under the calibration Gram G (d1, d1): learn (D_L, S)
     on L W with L^T L = G, then D = L^{-1} D_L by a triangular solve. Learning runs in
-    `dtype`; returns float64 dictionary (d1, k) and values (s, d2), indices (s, d2)."""
+    `dtype` from `init` ("random": the paper's; "svd": warm start). Returns float64 dictionary (d1, k) and values (s, d2), indices (s, d2)."""
     upper = cholesky_upper(gram)
     whitened = whiten(upper, weight).to(dtype)
-    result = learn_dictionary(whitened, budget.atoms, budget.sparsity, iters, power_iters, seed, on_iter=on_iter)
+    result = learn_dictionary(whitened, budget.atoms, budget.sparsity, iters, power_iters, seed, init, on_iter)
     return SparseDictFactors(unwhiten(upper, result.dictionary), result.indices, result.values.to(torch.float64))
