@@ -4,6 +4,7 @@ folder, so an interrupted sweep resumes where it stopped; the table goes into
 BENCHMARKS.md between markers that name the sweep."""
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import time
@@ -36,8 +37,12 @@ class Sweep:
 
     @property
     def key(self) -> str:
+        """Readable names plus a digest of the full model and data paths (two files both
+        called corpus.txt must not share a cache)."""
         o = self.options
-        return (f"{Path(self.model).name}-{Path(self.data).stem}-c{self.calib_samples}x{self.seq_len}-e{self.eval_windows}"
+        digest = hashlib.sha1(f"{Path(self.model).resolve() if Path(self.model).exists() else self.model}|"
+                              f"{Path(self.data).resolve() if Path(self.data).exists() else self.data}".encode())
+        return (f"{Path(self.model).name}-{Path(self.data).stem}-{digest.hexdigest()[:8]}-c{self.calib_samples}x{self.seq_len}-e{self.eval_windows}"
                 f"-rho{o.rho:g}-it{o.iters}-p{o.power_iters}-{o.init}-s{o.seed}")
 
 
@@ -54,10 +59,10 @@ def run_sweep(sweep: Sweep, cache: Path, progress: bool = True) -> list[dict]:
         check_method(method)
     for ratio in sweep.ratios:
         check_ratio(ratio)
-    folder = cache / sweep.key
-    folder.mkdir(parents=True, exist_ok=True)
     calib_texts, eval_texts = load_corpus(sweep.data)
     model, tokenizer = load_model(sweep.model)
+    folder = cache / sweep.key
+    folder.mkdir(parents=True, exist_ok=True)
     ids = api.calibration_ids(model, tokenizer, calib_texts, sweep.calib_samples, sweep.seq_len, sweep.options.seed)
     windows = api.evaluation_ids(model, tokenizer, eval_texts, sweep.seq_len, sweep.eval_windows)
     dense_path = folder / "dense.json"

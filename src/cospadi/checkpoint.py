@@ -104,9 +104,13 @@ def load(path: str | os.PathLike) -> tuple[PreTrainedModel, object]:
             state.update(load_file(shard))
         except Exception as exc:  # safetensors raises its own error types for truncated files
             raise CospadiError(f"cannot read {shard}: {exc}; the file is corrupt, compress again") from exc
-    missing, unexpected = model.load_state_dict(state, strict=False)
-    tied = set(getattr(model, "_tied_weights_keys", None) or [])
-    missing = [key for key in missing if key not in tied and not key.endswith("lm_head.weight")]
+    try:
+        missing, unexpected = model.load_state_dict(state, strict=False)
+    except RuntimeError as exc:  # shape mismatches raise even with strict=False
+        raise CospadiError(f"{folder}: weights do not match the description ({str(exc).splitlines()[1].strip()}); "
+                           "the folder is corrupt or from another tool") from None
+    if getattr(config, "tie_word_embeddings", False):  # the saved file holds the tied head once
+        missing = [key for key in missing if not key.endswith("lm_head.weight")]
     if missing or unexpected:
         raise CospadiError(f"{folder}: weights do not match the description (missing {missing[:3]}, "
                            f"unexpected {unexpected[:3]}); the folder is corrupt or from another tool")

@@ -7,6 +7,7 @@ import sys
 import time
 
 import torch
+import transformers
 
 from pathlib import Path
 
@@ -149,6 +150,8 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.quiet:
+        transformers.utils.logging.disable_progress_bar()
     try:
         rows = {"compress": run_compress, "eval": run_eval, "bench": run_bench}[args.command](args)
     except CospadiError as exc:

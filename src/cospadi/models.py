@@ -141,8 +141,14 @@ def load_model(
 
             model, tokenizer = _load(path)
         else:
-            model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
-            tokenizer = AutoTokenizer.from_pretrained(path)
+            try:
+                model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+                tokenizer = AutoTokenizer.from_pretrained(path)
+            except (OSError, ValueError, KeyError) as exc:
+                reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+                raise CospadiError(f"folder {path} holds no loadable causal LM with its tokenizer ({reason}); "
+                                   "give a Hugging Face model folder with config.json, weights and tokenizer "
+                                   "files") from None
     elif path.exists():
         raise CospadiError(f"model path {name_or_path} is a file; give the folder that holds it")
     elif _HUB_ID.fullmatch(name_or_path):
