@@ -11,7 +11,7 @@ import transformers
 
 from pathlib import Path
 
-from . import api, bench
+from . import api, bench, bench_solver
 from .budget import check_ratio
 from .checkpoint import save
 from .data import load_corpus
@@ -64,6 +64,20 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--calib-samples", type=int, default=api.DEFAULT_CALIB_SAMPLES, help="calibration windows")
     b.add_argument("--cache", default="runs/bench", help="folder of finished cells (a rerun skips them)")
     b.add_argument("--output", default="BENCHMARKS.md", help="Markdown file to write the table into")
+    s = sub.add_parser("bench-solver", help="solver settings on one block's real matrices and Grams, side by side")
+    s.add_argument("--model", default="smollm2-135m", help="built-in name, local folder or hub id")
+    s.add_argument("--block", type=int, default=15, help="which block's matrices (default 15, SmolLM2's middle)")
+    s.add_argument("--matrices", default="self_attn.q_proj,self_attn.o_proj,mlp.gate_proj,mlp.down_proj")
+    s.add_argument("--ratios", default="0.3", help="comma-separated ratios")
+    s.add_argument("--configs", default="default,paper", help=f"comma-separated: {', '.join(bench_solver.CONFIGS)}")
+    s.add_argument("--repeats", type=int, default=3, help="timed runs per cell (the median is reported)")
+    s.add_argument("--calib-samples", type=int, default=api.DEFAULT_CALIB_SAMPLES)
+    s.add_argument("--seq-len", type=int, default=api.DEFAULT_SEQ_LEN)
+    s.add_argument("--seed", type=int, default=42)
+    s.add_argument("--cache", default="runs/grams", help="folder caching the block's Gram matrices")
+    s.add_argument("--output", default="BENCHMARKS.md", help="Markdown file to write the table into")
+    s.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    s.add_argument("--quiet", action="store_true", help="no progress bars")
     e = sub.add_parser("eval", help="perplexity of a model or of a saved cospadi output folder")
     _add_text_args(e)
     return parser
@@ -133,16 +147,41 @@ def run_eval(args: argparse.Namespace) -> list[dict]:
 
 def run_bench(args: argparse.Namespace) -> list[dict]:
     options = SolverOptions(rho=args.rho, iters=args.iters, power_iters=args.power_iters, init=args.init, seed=args.seed)
-    try:
-        ratios = tuple(float(r) for r in args.ratios.split(","))
-    except ValueError:
-        raise CospadiError(f"--ratios {args.ratios!r} must be comma-separated numbers, e.g. 0.2,0.3") from None
+    ratios = tuple(_ratios(args.ratios))
     sweep = bench.Sweep(model=args.model, data=args.data, methods=tuple(args.methods.split(",")), ratios=ratios,
                         calib_samples=args.calib_samples, seq_len=args.seq_len, eval_windows=args.eval_windows,
                         options=options)
     rows = bench.table_rows(bench.run_sweep(sweep, Path(args.cache), progress=not args.quiet))
     command = "cospadi " + " ".join(sys.argv[1:]) if sys.argv[1:2] == ["bench"] else "cospadi bench"
     bench.write_section(Path(args.output), sweep.key, bench.describe(sweep, command) + "\n" + results_table(rows))
+    return rows
+
+
+def _ratios(text: str) -> list[float]:
+    try:
+        values = [float(r) for r in text.split(",")]
+    except ValueError:
+        raise CospadiError(f"--ratios {text!r} must be comma-separated numbers, e.g. 0.2,0.3") from None
+    for value in values:
+        check_ratio(value)
+    return values
+
+
+def run_bench_solver(args: argparse.Namespace) -> list[dict]:
+    unknown = [c for c in args.configs.split(",") if c not in bench_solver.CONFIGS]
+    if unknown:
+        raise CospadiError(f"unknown solver config {unknown[0]!r}; choose from {', '.join(bench_solver.CONFIGS)}")
+    _positive("--repeats", args.repeats)
+    ratios = _ratios(args.ratios)
+    matrices = bench_solver.block_matrices(args.model, args.block, args.calib_samples, args.seq_len, args.seed,
+                                           Path(args.cache))
+    rows = bench_solver.compare(matrices, args.matrices.split(","), ratios,
+                                [bench_solver.CONFIGS[c] for c in args.configs.split(",")], args.repeats)
+    header = (f"Block {args.block} of `{args.model}`, Grams from {args.calib_samples} x {args.seq_len} calibration "
+              f"tokens; error = ||X(W - W')|| / ||X W||; seconds = median of {args.repeats}; "
+              f"{torch.get_num_threads()} threads.\n\nReproduce: `cospadi {' '.join(sys.argv[1:]) or 'bench-solver'}`\n")
+    name = f"solver-{Path(args.model).name}-block{args.block}-{args.ratios}-{args.configs}"
+    bench.write_section(Path(args.output), name, header + "\n" + results_table(rows))
     return rows
 
 
@@ -153,7 +192,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.quiet:
         transformers.utils.logging.disable_progress_bar()
     try:
-        rows = {"compress": run_compress, "eval": run_eval, "bench": run_bench}[args.command](args)
+        rows = {"compress": run_compress, "eval": run_eval, "bench": run_bench,
+                "bench-solver": run_bench_solver}[args.command](args)
     except CospadiError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

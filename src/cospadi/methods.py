@@ -28,7 +28,7 @@ class SolverOptions:
     The paper's setting is rho=2, iters=60, power_iters=8, init="random", seed=42."""
 
     rho: float = 2.0
-    iters: int = 6
+    iters: int = 3
     power_iters: int = 8
     init: str = "svd"
     seed: int = 42

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor, as_completed
 
 import torch
 from torch import nn
@@ -120,15 +121,18 @@ def check_weights(model: PreTrainedModel, adapter: Adapter, layers: nn.ModuleLis
 
 
 def compress_blocks(model: PreTrainedModel, input_ids: torch.Tensor, method: str, ratio: float,
-                    options: SolverOptions = SolverOptions(), batch_size: int = 8,
-                    progress: bool = True) -> CompressionReport:
+                    options: SolverOptions = SolverOptions(), batch_size: int = 8, progress: bool = True,
+                    workers: int | None = None) -> CompressionReport:
     """Compress every target linear of every block of `model` in place with `method` at
-    `ratio`, calibrated on `input_ids` (N, L). Returns the report; the model's target
-    linears are replaced by LowRankLinear or DictLinear modules."""
+    `ratio`, calibrated on `input_ids` (N, L). The matrices of a block are solved by
+    `workers` threads at once (default: torch's thread count), each single-threaded:
+    the solvers' many small batched operations use cores better side by side than split.
+    Returns the report; the target linears become LowRankLinear or DictLinear modules."""
     check_method(method)
     adapter = adapter_for(model)
     layers = decoder_layers(model)
     check_weights(model, adapter, layers)
+    workers = max(1, workers or torch.get_num_threads())
     start = time.perf_counter()
     report = CompressionReport(method, ratio, dict(vars(options)), unique_param_count(model),
                                calibration={"samples": int(input_ids.shape[0]), "seq_len": int(input_ids.shape[1])})
@@ -138,12 +142,14 @@ def compress_blocks(model: PreTrainedModel, input_ids: torch.Tensor, method: str
     for i, layer in enumerate(layers):
         bar.set_postfix_str(f"block {i + 1}/{len(layers)}: calibrating")
         grams = accumulate_grams(layer, adapter, states, block_kwargs[i])
-        for group in adapter.groups:
-            for name in group:
-                bar.set_postfix_str(f"block {i + 1}/{len(layers)}: {name}")
-                report.matrices.append(_compress_linear(layer, i, name, grams[group], method, ratio, options))
-                bar.update(1)
-        del grams
+        bar.set_postfix_str(f"block {i + 1}/{len(layers)}: solving")
+        jobs = {name: (layer.get_submodule(name), grams[group]) for group in adapter.groups for name in group}
+        solved = _solve_all(jobs, method, ratio, options, workers, lambda: bar.update(1))
+        for name, (linear, gram) in jobs.items():  # swap in the adapter's order, deterministically
+            module, matrix = solved[name]
+            layer.set_submodule(name, module)
+            report.matrices.append(MatrixReport(layer=i, name=name, **matrix))
+        del grams, jobs, solved
         states = run_block(layer, states, block_kwargs[i])
     bar.close()
     report.seconds = time.perf_counter() - start
@@ -151,10 +157,34 @@ def compress_blocks(model: PreTrainedModel, input_ids: torch.Tensor, method: str
     return report
 
 
-def _compress_linear(layer: nn.Module, index: int, name: str, gram: torch.Tensor, method: str, ratio: float,
-                     options: SolverOptions) -> MatrixReport:
-    """Factorize one linear of a block, swap the compressed module in, report it."""
-    linear = layer.get_submodule(name)
+def _solve_all(jobs: dict[str, tuple[nn.Linear, torch.Tensor]], method: str, ratio: float, options: SolverOptions,
+               workers: int, on_done: Callable[[], None]) -> dict[str, tuple[nn.Module, dict]]:
+    """Solve every (linear, Gram) job, largest first, on `workers` threads with torch
+    set to one thread each meanwhile; name -> (compressed module, report fields)."""
+    order = sorted(jobs, key=lambda n: jobs[n][0].weight.numel(), reverse=True)
+    if workers == 1:
+        out = {}
+        for name in order:
+            out[name] = _solve_linear(*jobs[name], method, ratio, options)
+            on_done()
+        return out
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        with ThreadPoolExecutor(max_workers=workers) as pool:
+            futures = {pool.submit(_solve_linear, *jobs[name], method, ratio, options): name for name in order}
+            out = {}
+            for future in as_completed(futures):
+                out[futures[future]] = future.result()
+                on_done()
+        return out
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _solve_linear(linear: nn.Linear, gram: torch.Tensor, method: str, ratio: float,
+                  options: SolverOptions) -> tuple[nn.Module, dict]:
+    """Factorize one linear: (its compressed replacement, MatrixReport fields but layer/name)."""
     weight = linear.weight.detach().T  # (d1, d2) = (in, out)
     d1, d2 = weight.shape
     budget = budget_for(method, d1, d2, ratio, options)
@@ -162,8 +192,7 @@ def _compress_linear(layer: nn.Module, index: int, name: str, gram: torch.Tensor
     factors = factorize(method, weight, gram, budget, options)
     seconds = time.perf_counter() - start
     module = build_module(factors, linear.bias, linear.weight.dtype)
-    layer.set_submodule(name, module)
-    return MatrixReport(layer=index, name=name, d1=d1, d2=d2, effective_params=budget.effective_params,
-                        storage_words=budget.storage_words, output_error=output_error(gram, weight, factors.weight()),
-                        seconds=seconds, rank=getattr(budget, "rank", None), atoms=getattr(budget, "atoms", None),
+    return module, dict(d1=d1, d2=d2, effective_params=budget.effective_params, storage_words=budget.storage_words,
+                        output_error=output_error(gram, weight, factors.weight()), seconds=seconds,
+                        rank=getattr(budget, "rank", None), atoms=getattr(budget, "atoms", None),
                         sparsity=getattr(budget, "sparsity", None))

@@ -1,0 +1,99 @@
+"""`cospadi bench-solver`: solver configurations on real weight matrices with their real
+calibration Grams, side by side. The Grams of one block (computed on the dense model's
+calibration activations) are cached, so later runs only time the solvers."""
+from __future__ import annotations
+
+import statistics
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from . import api
+from .adapters import adapter_for, decoder_layers
+from .budget import dict_budget, lowrank_budget
+from .errors import CospadiError
+from .methods import SolverOptions
+from .models import load_model
+from .pipeline import accumulate_grams, capture_block_inputs, run_block
+from .solvers import cospadi, output_error, svd_llm
+
+
+@dataclass(frozen=True)
+class SolverConfig:
+    """A named CoSpaDi solver setting (`iters` alternations, `power_iters`, `init`)."""
+
+    name: str
+    iters: int
+    power_iters: int
+    init: str
+
+
+CONFIGS = {
+    "default": SolverConfig("default", SolverOptions.iters, SolverOptions.power_iters, SolverOptions.init),
+    "paper": SolverConfig("paper", 60, 8, "random"),
+}
+
+
+def block_matrices(model_name: str, block: int, calib_samples: int, seq_len: int, seed: int,
+                   cache: Path) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """name -> (W (d1, d2), Gram (d1, d1)) for every target linear of dense block `block`,
+    read from `cache` or computed (dense blocks 0..block-1 feed it) and cached."""
+    path = cache / f"{Path(model_name).name}-block{block}-c{calib_samples}x{seq_len}-s{seed}.pt"
+    if path.exists():
+        return torch.load(path)
+    model, tokenizer = load_model(model_name)
+    layers = decoder_layers(model)
+    if not 0 <= block < len(layers):
+        raise CospadiError(f"--block {block} is out of range: the model has blocks 0..{len(layers) - 1}")
+    adapter = adapter_for(model)
+    ids = api.calibration_ids(model, tokenizer, None, calib_samples, seq_len, seed)
+    with torch.no_grad():
+        states, kwargs = capture_block_inputs(model, layers, ids, 8)
+        for i in range(block):
+            states = run_block(layers[i], states, kwargs[i])
+        grams = accumulate_grams(layers[block], adapter, states, kwargs[block])
+    out = {name: (layers[block].get_submodule(name).weight.detach().T.clone(), grams[group])
+           for group in adapter.groups for name in group}
+    cache.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    torch.save(out, tmp)
+    tmp.replace(path)
+    return out
+
+
+def time_solver(solve, repeats: int) -> tuple[object, float]:
+    """(result of the last call, median wall seconds over `repeats` calls)."""
+    times, result = [], None
+    for _ in range(repeats):
+        start = time.perf_counter()
+        result = solve()
+        times.append(time.perf_counter() - start)
+    return result, statistics.median(times)
+
+
+def compare(matrices: dict[str, tuple[torch.Tensor, torch.Tensor]], names: list[str], ratios: list[float],
+            configs: list[SolverConfig], repeats: int, rho: float = 2.0) -> list[dict]:
+    """One row per (matrix, ratio, solver): relative whitened error and median seconds.
+    svd-llm rows are the low-rank reference at the same ratio."""
+    rows = []
+    for name in names:
+        if name not in matrices:
+            raise CospadiError(f"unknown matrix {name!r}; choose from {', '.join(matrices)}")
+        weight, gram = matrices[name]
+        d1, d2 = weight.shape
+        for ratio in ratios:
+            factors, seconds = time_solver(lambda: svd_llm(weight, gram, lowrank_budget(d1, d2, ratio)), repeats)
+            base = output_error(gram, weight, factors.weight())
+            rows.append({"matrix": name, "ratio": ratio, "solver": "svd-llm", "error": base, "x svd-llm": 1.0,
+                         "seconds": seconds})
+            budget = dict_budget(d1, d2, ratio, rho)
+            for cfg in configs:
+                factors, seconds = time_solver(lambda: cospadi(weight, gram, budget, iters=cfg.iters,
+                                                               power_iters=cfg.power_iters, init=cfg.init), repeats)
+                err = output_error(gram, weight, factors.weight())
+                rows.append({"matrix": name, "ratio": ratio, "solver": f"cospadi {cfg.name} (it={cfg.iters}, "
+                             f"p={cfg.power_iters}, {cfg.init})", "error": err, "x svd-llm": err / base,
+                             "seconds": seconds})
+    return rows
