@@ -248,7 +248,7 @@ BAD_COMPRESS = {
     "rho-0": {"--rho": 0},
     "rho-negative": {"--rho": -1},
     "method-foo": {"--method": "foo"},
-    "iters-0": {"--iters": 0},
+    "iters-negative": {"--iters": -1},
     "missing-model": {"--model": "MISSING"},
     "gpt2": {"--model": "GPT2"},
     "nan-weights": {"--model": "NAN"},
@@ -258,7 +258,7 @@ BAD_COMPRESS = {
 }
 EXPECTED_WORDS = {
     "ratio-0": "ratio", "ratio-1": "ratio", "ratio-1.5": "ratio", "rho-0": "rho", "rho-negative": "rho",
-    "method-foo": "unknown method", "iters-0": "iters", "missing-model": "does not exist",
+    "method-foo": "unknown method", "iters-negative": "iters", "missing-model": "does not exist",
     "gpt2": "not supported", "nan-weights": "non-finite", "too-little-text": "calibration",
     "csv-data": "extension", "missing-data": "does not exist",
 }

@@ -43,20 +43,22 @@ def evaluation_ids(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, t
 
 
 def compress(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, texts: list[str] | None = None, *,
-             input_ids: torch.Tensor | None = None, method: str = "cospadi", ratio: float = 0.3, rho: float = 2.0, iters: int = SolverOptions.iters,
-             power_iters: int = SolverOptions.power_iters, init: str = SolverOptions.init, seed: int = 42,
+             input_ids: torch.Tensor | None = None, method: str = "cospadi", ratio: float = 0.3,
              calib_samples: int = DEFAULT_CALIB_SAMPLES, seq_len: int = DEFAULT_SEQ_LEN, batch_size: int = 8,
-             progress: bool = True) -> tuple[PreTrainedModel, CompressionReport]:
+             progress: bool = True, workers: int | None = None, **solver: object) -> tuple[PreTrainedModel, CompressionReport]:
     """Compress `model` in place: every q/k/v/o/gate/up/down linear of every block becomes
     a DictLinear (method "cospadi") or LowRankLinear ("svd", "svd-llm") removing `ratio`
     of its weights, calibrated on `calib_samples` windows of `seq_len` tokens of `texts`
-    (or on the given `input_ids` (N, L) windows). Returns the same model object and a CompressionReport."""
+    (or on the given `input_ids` (N, L) windows). `solver` keywords are SolverOptions
+    fields (rho, solver, iters, power_iters, sweeps, init, seed). Returns the same model
+    object and a CompressionReport."""
     check_method(method)
-    options = SolverOptions(rho=rho, iters=iters, power_iters=power_iters, init=init, seed=seed)
     check_ratio(ratio)
+    options = SolverOptions(**solver)
     if input_ids is None:
-        input_ids = calibration_ids(model, tokenizer, texts, calib_samples, seq_len, seed)
-    report = compress_blocks(model, input_ids, method, ratio, options, batch_size=batch_size, progress=progress)
+        input_ids = calibration_ids(model, tokenizer, texts, calib_samples, seq_len, options.seed)
+    report = compress_blocks(model, input_ids, method, ratio, options, batch_size=batch_size, progress=progress,
+                             workers=workers)
     return model, report
 
 

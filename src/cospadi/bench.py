@@ -8,7 +8,7 @@ import hashlib
 import json
 import os
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
@@ -43,7 +43,7 @@ class Sweep:
         digest = hashlib.sha1(f"{Path(self.model).resolve() if Path(self.model).exists() else self.model}|"
                               f"{Path(self.data).resolve() if Path(self.data).exists() else self.data}".encode())
         return (f"{Path(self.model).name}-{Path(self.data).stem}-{digest.hexdigest()[:8]}-c{self.calib_samples}x{self.seq_len}-e{self.eval_windows}"
-                f"-rho{o.rho:g}-it{o.iters}-p{o.power_iters}-{o.init}-s{o.seed}")
+                f"-rho{o.rho:g}-{o.solver}-{o.init}-it{o.iters}-sw{o.sweeps}-p{o.power_iters}-s{o.seed}")
 
 
 def _write_json(path: Path, data: dict) -> None:
@@ -74,11 +74,9 @@ def run_sweep(sweep: Sweep, cache: Path, progress: bool = True) -> list[dict]:
             path = folder / f"{method}-{ratio:g}.json"
             if not path.exists():
                 model, _ = load_model(sweep.model)  # fresh dense weights for every cell
-                o = sweep.options
                 start = time.perf_counter()
-                _, report = api.compress(model, tokenizer, input_ids=ids, method=method, ratio=ratio, rho=o.rho,
-                                         iters=o.iters, power_iters=o.power_iters, init=o.init, seed=o.seed,
-                                         progress=progress)
+                _, report = api.compress(model, tokenizer, input_ids=ids, method=method, ratio=ratio,
+                                         progress=progress, **asdict(sweep.options))
                 seconds = time.perf_counter() - start
                 _write_json(path, {"method": method, "ratio": ratio, "token_ppl": perplexity(model, windows, progress=progress),
                                    "seconds": seconds, "linear_ratios": report.linear_ratios,
@@ -120,6 +118,6 @@ def describe(sweep: Sweep, command: str) -> str:
     return (f"Model `{sweep.model}`; calibration {sweep.calib_samples} x {sweep.seq_len} tokens ({sweep.data}, "
             f"seed {o.seed}); "
             f"token perplexity on {sweep.eval_windows} x {sweep.seq_len} held-out tokens; cospadi rho={o.rho:g}, "
-            f"iters={o.iters}, power_iters={o.power_iters}, init={o.init}. Ratios are over the compressed linears "
+            f"solver={o.solver}, init={o.init}, iters={o.iters}, sweeps={o.sweeps}, power_iters={o.power_iters}. Ratios are over the compressed linears "
             f"(eff. = eq. 11, storage = eq. 10 with the bitmask). {torch.get_num_threads()} CPU threads.\n\n"
             f"Reproduce: `{command}`\n")

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import statistics
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -14,26 +13,25 @@ from . import api
 from .adapters import adapter_for, decoder_layers
 from .budget import dict_budget, lowrank_budget
 from .errors import CospadiError
-from .methods import SolverOptions
+from .methods import SolverOptions, factorize
 from .models import load_model
 from .pipeline import accumulate_grams, capture_block_inputs, run_block
-from .solvers import cospadi, output_error, svd_llm
+from .solvers import output_error, svd_llm
 
 
-@dataclass(frozen=True)
-class SolverConfig:
-    """A named CoSpaDi solver setting (`iters` alternations, `power_iters`, `init`)."""
-
-    name: str
-    iters: int
-    power_iters: int
-    init: str
-
-
-CONFIGS = {
-    "default": SolverConfig("default", SolverOptions.iters, SolverOptions.power_iters, SolverOptions.init),
-    "paper": SolverConfig("paper", 60, 8, "random"),
+CONFIGS: dict[str, SolverOptions] = {
+    "default": SolverOptions(),
+    "paper": SolverOptions(solver="ksvd", init="random", iters=60, power_iters=8, sweeps=1),
+    "orthogonal": SolverOptions(solver="orthogonal"),
+    "single-step": SolverOptions(solver="single-step"),
 }
+
+
+def describe_options(o: SolverOptions) -> str:
+    """A short label of what a configuration runs."""
+    if o.solver != "ksvd":
+        return o.solver
+    return f"ksvd {o.init} start, {o.iters} OMP alt., {o.sweeps} sweeps, {o.power_iters} power it."
 
 
 def block_matrices(model_name: str, block: int, calib_samples: int, seq_len: int, seed: int,
@@ -74,7 +72,7 @@ def time_solver(solve, repeats: int) -> tuple[object, float]:
 
 
 def compare(matrices: dict[str, tuple[torch.Tensor, torch.Tensor]], names: list[str], ratios: list[float],
-            configs: list[SolverConfig], repeats: int, rho: float = 2.0) -> list[dict]:
+            configs: dict[str, SolverOptions], repeats: int) -> list[dict]:
     """One row per (matrix, ratio, solver): relative whitened error and median seconds.
     svd-llm rows are the low-rank reference at the same ratio."""
     rows = []
@@ -88,12 +86,10 @@ def compare(matrices: dict[str, tuple[torch.Tensor, torch.Tensor]], names: list[
             base = output_error(gram, weight, factors.weight())
             rows.append({"matrix": name, "ratio": ratio, "solver": "svd-llm", "error": base, "x svd-llm": 1.0,
                          "seconds": seconds})
-            budget = dict_budget(d1, d2, ratio, rho)
-            for cfg in configs:
-                factors, seconds = time_solver(lambda: cospadi(weight, gram, budget, iters=cfg.iters,
-                                                               power_iters=cfg.power_iters, init=cfg.init), repeats)
+            for label, o in configs.items():
+                budget = dict_budget(d1, d2, ratio, o.rho)
+                factors, seconds = time_solver(lambda: factorize("cospadi", weight, gram, budget, o), repeats)
                 err = output_error(gram, weight, factors.weight())
-                rows.append({"matrix": name, "ratio": ratio, "solver": f"cospadi {cfg.name} (it={cfg.iters}, "
-                             f"p={cfg.power_iters}, {cfg.init})", "error": err, "x svd-llm": err / base,
-                             "seconds": seconds})
+                rows.append({"matrix": name, "ratio": ratio, "solver": f"{label}: {describe_options(o)}",
+                             "error": err, "x svd-llm": err / base, "seconds": seconds})
     return rows

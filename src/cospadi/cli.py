@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+from dataclasses import asdict
 import json
 import sys
 import time
@@ -34,12 +35,20 @@ def _add_text_args(p: argparse.ArgumentParser) -> None:
 
 
 def _add_solver_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--rho", type=float, default=SolverOptions.rho, help="atoms per nonzero, k / s (paper: 2)")
-    p.add_argument("--iters", type=int, default=SolverOptions.iters, help="dictionary alternations (paper: 60)")
-    p.add_argument("--power-iters", type=int, default=SolverOptions.power_iters,
-                   help="power iterations per atom update (paper: 8)")
-    p.add_argument("--init", default=SolverOptions.init, help="dictionary start: svd (warm) or random (paper)")
-    p.add_argument("--seed", type=int, default=42, help="seed of calibration sampling and dictionary init")
+    d = SolverOptions()
+    p.add_argument("--rho", type=float, default=d.rho, help="atoms per nonzero, k / s (paper: 2)")
+    p.add_argument("--solver", default=d.solver, help="ksvd (Batch-OMP + K-SVD), orthogonal, or single-step")
+    p.add_argument("--init", default=d.init, help="ksvd start: orthogonal, svd, or random (paper)")
+    p.add_argument("--iters", type=int, default=d.iters, help="ksvd alternations of OMP + sweeps (paper: 60)")
+    p.add_argument("--sweeps", type=int, default=d.sweeps, help="K-SVD sweeps per alternation (paper: 1)")
+    p.add_argument("--power-iters", type=int, default=d.power_iters, help="power iterations per atom (paper: 8)")
+    p.add_argument("--seed", type=int, default=d.seed, help="seed of calibration sampling and random starts")
+    p.add_argument("--workers", type=int, default=None, help="matrices solved at once (default: torch threads)")
+
+
+def _solver_options(args: argparse.Namespace) -> SolverOptions:
+    return SolverOptions(rho=args.rho, solver=args.solver, iters=args.iters, power_iters=args.power_iters,
+                         sweeps=args.sweeps, init=args.init, seed=args.seed)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -91,7 +100,7 @@ def _positive(name: str, value: int) -> None:
 def run_compress(args: argparse.Namespace) -> list[dict]:
     """Validate everything cheap first, then load, evaluate, compress, evaluate, save."""
     check_ratio(args.ratio)
-    SolverOptions(rho=args.rho, iters=args.iters, power_iters=args.power_iters, init=args.init, seed=args.seed)
+    options = _solver_options(args)
     if args.method not in METHODS:
         raise CospadiError(f"unknown method {args.method!r}; choose one of: {', '.join(METHODS)}")
     if args.eval_windows < 0:
@@ -105,8 +114,8 @@ def run_compress(args: argparse.Namespace) -> list[dict]:
         if args.eval_windows else None
     dense_ppl = _evaluate(model, windows, args, "dense perplexity")
     model, report = api.compress(model, tokenizer, input_ids=ids, method=args.method, ratio=args.ratio,
-                                 rho=args.rho, iters=args.iters, power_iters=args.power_iters, init=args.init,
-                                 seed=args.seed, batch_size=args.batch_size, progress=not args.quiet)
+                                 batch_size=args.batch_size, progress=not args.quiet, workers=args.workers,
+                                 **asdict(options))
     ppl = _evaluate(model, windows, args, "compressed perplexity")
     row = _row(report, dense_ppl, ppl)
     if args.json:
@@ -146,7 +155,7 @@ def run_eval(args: argparse.Namespace) -> list[dict]:
 
 
 def run_bench(args: argparse.Namespace) -> list[dict]:
-    options = SolverOptions(rho=args.rho, iters=args.iters, power_iters=args.power_iters, init=args.init, seed=args.seed)
+    options = _solver_options(args)
     ratios = tuple(_ratios(args.ratios))
     sweep = bench.Sweep(model=args.model, data=args.data, methods=tuple(args.methods.split(",")), ratios=ratios,
                         calib_samples=args.calib_samples, seq_len=args.seq_len, eval_windows=args.eval_windows,
@@ -176,7 +185,7 @@ def run_bench_solver(args: argparse.Namespace) -> list[dict]:
     matrices = bench_solver.block_matrices(args.model, args.block, args.calib_samples, args.seq_len, args.seed,
                                            Path(args.cache))
     rows = bench_solver.compare(matrices, args.matrices.split(","), ratios,
-                                [bench_solver.CONFIGS[c] for c in args.configs.split(",")], args.repeats)
+                                {c: bench_solver.CONFIGS[c] for c in args.configs.split(",")}, args.repeats)
     header = (f"Block {args.block} of `{args.model}`, Grams from {args.calib_samples} x {args.seq_len} calibration "
               f"tokens; error = ||X(W - W')|| / ||X W||; seconds = median of {args.repeats}; "
               f"{torch.get_num_threads()} threads.\n\nReproduce: `cospadi {' '.join(sys.argv[1:]) or 'bench-solver'}`\n")

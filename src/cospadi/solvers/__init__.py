@@ -3,7 +3,8 @@ from .dictionary import cospadi, learn_dictionary
 from .factors import LowRankFactors, SparseDictFactors
 from .lowrank import svd, svd_llm
 from .omp import batch_omp
+from .orthogonal import learn_orthogonal, single_step
 from .whitening import cholesky_upper, unwhiten, whiten, output_error
 
-__all__ = ["batch_omp", "cholesky_upper", "cospadi", "learn_dictionary", "LowRankFactors",
+__all__ = ["batch_omp", "cholesky_upper", "cospadi", "learn_dictionary", "learn_orthogonal", "LowRankFactors", "single_step",
            "SparseDictFactors", "svd", "svd_llm", "unwhiten", "whiten", "output_error"]

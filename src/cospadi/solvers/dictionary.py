@@ -5,28 +5,17 @@ L W so that the learned factors minimise the calibration output error ||X (W - D
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, field
 
 import torch
 
 from ..budget import DictBudget
-from .factors import SparseDictFactors, sparse_from_dense
+from .factors import DictionaryResult, SparseDictFactors, sparse_from_dense
 from .omp import batch_omp
 from .whitening import cholesky_upper, unwhiten, whiten
 
 
-@dataclass
-class DictionaryResult:
-    """dictionary (n, k) with unit-norm atoms; indices and values (s, m) as in
-    SparseDictFactors; objective[t] = ||Y - D S||_F^2 after alternation t."""
-
-    dictionary: torch.Tensor
-    indices: torch.Tensor
-    values: torch.Tensor
-    objective: list[float] = field(default_factory=list)
-
-
-INITS = ("svd", "random")
+INITS = ("orthogonal", "svd", "random")
+ORTHOGONAL_ROUNDS = 40  # at most; learn_orthogonal stops early when a round gains < 1e-4
 
 
 def initial_dictionary(signals: torch.Tensor, atoms: int, seed: int, init: str = "random") -> torch.Tensor:
@@ -34,8 +23,8 @@ def initial_dictionary(signals: torch.Tensor, atoms: int, seed: int, init: str =
     "random": k distinct columns chosen with torch.Generator(seed) (METHOD.md step 1);
     "svd": the top left singular vectors (the rank-k optimum's basis) and, when k exceeds
     the rank, seeded random columns for the rest. Zero columns become random unit vectors."""
-    if init not in INITS:
-        raise ValueError(f"init must be one of {INITS}")
+    if init not in ("svd", "random"):
+        raise ValueError("initial_dictionary builds 'svd' or 'random' starts")
     n, m = signals.shape
     gen = torch.Generator().manual_seed(seed)
     cols = torch.randperm(m, generator=gen)[:atoms].to(signals.device)
@@ -52,27 +41,51 @@ def initial_dictionary(signals: torch.Tensor, atoms: int, seed: int, init: str =
 
 
 def learn_dictionary(signals: torch.Tensor, atoms: int, sparsity: int, iters: int,
-                     power_iters: int = 8, seed: int = 42, init: str | torch.Tensor = "random",
+                     power_iters: int = 8, seed: int = 42, init: str | torch.Tensor = "random", sweeps: int = 1,
                      on_iter: Callable[[int, float], None] | None = None) -> DictionaryResult:
     """Minimise ||Y - D S||_F^2 over D (n, k) and S (k, m) with exactly s nonzeros per
-    column of S, by `iters` alternations of (1) Batch-OMP sparse coding and (2) K-SVD atom
-    updates, each atom's rank-1 fit taken by `power_iters` power iterations warm-started
-    at the current atom. The support found by OMP is kept through the update.
+    column of S. `iters` alternations of (1) Batch-OMP sparse coding and (2) `sweeps`
+    K-SVD sweeps over the atoms, each atom's rank-1 fit taken by `power_iters` power
+    iterations warm-started at the current atom; the support found by OMP is kept
+    through the sweeps. With iters=60, power_iters=8, sweeps=1, init="random" this is
+    the paper's solver.
+
+    init: "random" (k seeded random columns), "svd" (top singular vectors), "orthogonal"
+    (learn_orthogonal's dictionary *and codes*: its sweeps run before the first OMP, and
+    iters may be 0), or an (n, k) tensor. "orthogonal" needs k <= n and falls back to
+    "svd" otherwise.
 
     The objective never increases: a column whose new OMP code fits worse than its
     previous code under the same dictionary keeps the previous one, and the warm-started
-    power iteration never lowers an atom's Rayleigh quotient. `init` names a start for
-    initial_dictionary or gives one (n, k). on_iter(t, objective) is called after each alternation."""
-    if iters < 1:
-        raise ValueError("iters must be at least 1")
+    power iteration never lowers an atom's Rayleigh quotient. objective[t] is recorded
+    after each round of sweeps; on_iter(t, objective) is called then."""
     y = signals
+    coef = support = None
     if isinstance(init, torch.Tensor):
         d = init.to(y) / init.to(y).norm(dim=0).clamp_min(torch.finfo(y.dtype).tiny)
+    elif init == "orthogonal" and atoms <= y.shape[0]:
+        from .orthogonal import learn_orthogonal
+
+        start = learn_orthogonal(y, atoms, sparsity, ORTHOGONAL_ROUNDS)
+        d = start.dictionary
+        support = torch.zeros(atoms, y.shape[1], dtype=torch.bool, device=y.device).scatter_(0, start.indices, True)
+        coef = torch.zeros(atoms, y.shape[1], dtype=y.dtype, device=y.device).scatter_(0, start.indices, start.values)
     else:
-        d = initial_dictionary(y, atoms, seed, init)
-    coef = support = None
+        d = initial_dictionary(y, atoms, seed, "svd" if init == "orthogonal" else init)
+    if iters < (0 if coef is not None else 1):
+        raise ValueError("iters must be at least 1 unless the start provides codes")
     history: list[float] = []
-    for t in range(iters):
+
+    def update(residual: torch.Tensor) -> None:
+        for _ in range(sweeps):
+            _update_atoms(d, coef, support, residual, power_iters)
+        history.append(float((residual * residual).sum()))
+        if on_iter is not None:
+            on_iter(len(history) - 1, history[-1])
+
+    if coef is not None:
+        update(y - d @ coef)
+    for _ in range(iters):
         idx, val = batch_omp(d, y, sparsity)
         new_support = torch.zeros(atoms, y.shape[1], dtype=torch.bool, device=y.device).scatter_(0, idx, True)
         new_coef = torch.zeros(atoms, y.shape[1], dtype=y.dtype, device=y.device).scatter_(0, idx, val)
@@ -83,10 +96,7 @@ def learn_dictionary(signals: torch.Tensor, atoms: int, sparsity: int, iters: in
             new_coef[:, worse], new_support[:, worse] = coef[:, worse], support[:, worse]
             residual[:, worse] = old_residual[:, worse]
         coef, support = new_coef, new_support
-        _update_atoms(d, coef, support, residual, power_iters)
-        history.append(float((residual * residual).sum()))
-        if on_iter is not None:
-            on_iter(t, history[-1])
+        update(residual)
     indices, values = sparse_from_dense(coef, support)
     return DictionaryResult(d, indices, values, history)
 
@@ -122,13 +132,32 @@ def _update_atoms(d: torch.Tensor, coef: torch.Tensor, support: torch.Tensor, re
     residual.copy_(rt.T)
 
 
-def cospadi(weight: torch.Tensor, gram: torch.Tensor, budget: DictBudget, iters: int = 60,
-            power_iters: int = 8, seed: int = 42, init: str = "random", dtype: torch.dtype = torch.float32,
+SOLVERS = ("ksvd", "orthogonal", "single-step")
+
+
+def cospadi(weight: torch.Tensor, gram: torch.Tensor, budget: DictBudget, solver: str = "ksvd", iters: int = 60,
+            power_iters: int = 8, seed: int = 42, init: str = "random", sweeps: int = 1,
+            dtype: torch.dtype = torch.float32,
             on_iter: Callable[[int, float], None] | None = None) -> SparseDictFactors:
     """CoSpaDi factors of W (d1, d2) under the calibration Gram G (d1, d1): learn (D_L, S)
-    on L W with L^T L = G, then D = L^{-1} D_L by a triangular solve. Learning runs in
-    `dtype` from `init` ("random": the paper's; "svd": warm start). Returns float64 dictionary (d1, k) and values (s, d2), indices (s, d2)."""
+    on L W with L^T L = G, then D = L^{-1} D_L by a triangular solve, so the factors
+    minimise ||X (W - D S)||_F. `solver`: "ksvd" (learn_dictionary with iters, power_iters,
+    init, sweeps; the defaults here are the paper's), "orthogonal" (learn_orthogonal,
+    needs k <= d1) or "single-step". Learning runs in `dtype`; returns a float64
+    dictionary (d1, k) and values (s, d2), indices (s, d2)."""
+    if solver not in SOLVERS:
+        raise ValueError(f"solver must be one of {SOLVERS}")
     upper = cholesky_upper(gram)
     whitened = whiten(upper, weight).to(dtype)
-    result = learn_dictionary(whitened, budget.atoms, budget.sparsity, iters, power_iters, seed, init, on_iter)
+    if solver == "ksvd":
+        result = learn_dictionary(whitened, budget.atoms, budget.sparsity, iters, power_iters, seed, init, sweeps,
+                                  on_iter)
+    elif solver == "orthogonal":
+        from .orthogonal import learn_orthogonal
+
+        result = learn_orthogonal(whitened, budget.atoms, budget.sparsity, ORTHOGONAL_ROUNDS)
+    else:
+        from .orthogonal import single_step
+
+        result = single_step(whitened, budget.atoms, budget.sparsity)
     return SparseDictFactors(unwhiten(upper, result.dictionary), result.indices, result.values.to(torch.float64))

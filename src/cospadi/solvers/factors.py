@@ -2,7 +2,7 @@
 shape (d1, d2) as in METHOD.md (W = linear.weight.T)."""
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -52,3 +52,14 @@ def sparse_from_dense(coefficients: torch.Tensor, support: torch.Tensor) -> tupl
     # A stable sort of the negated mask puts the True rows first, in ascending order.
     order = torch.sort((~support).to(torch.int8), dim=0, stable=True).indices[:s]
     return order, coefficients.gather(0, order)
+
+
+@dataclass
+class DictionaryResult:
+    """dictionary (n, k) with unit-norm atoms; indices and values (s, m) as in
+    SparseDictFactors; objective[t] = ||Y - D S||_F^2 after alternation t."""
+
+    dictionary: torch.Tensor
+    indices: torch.Tensor
+    values: torch.Tensor
+    objective: list[float] = field(default_factory=list)
