@@ -56,7 +56,11 @@ def single_step(signals: torch.Tensor, atoms: int, sparsity: int) -> DictionaryR
     coefficients = torch.zeros(atoms, signals.shape[1], dtype=signals.dtype, device=signals.device)
     coefficients[:k] = sigma[:k, None] * vh[:k]
     coef, support = hard_threshold(coefficients, sparsity)
-    d = torch.linalg.lstsq(coef.T, signals.T).solution.T  # argmin_D ||Y - D S||_F
+    # argmin_D ||Y - D S||_F from the normal equations D (S S^T) = Y S^T; Cholesky keeps it
+    # bit-reproducible (lstsq is not), a tiny ridge covers atoms no column uses.
+    normal = coef @ coef.T
+    normal.diagonal().add_(1e-12 * float(normal.diagonal().mean()) + torch.finfo(normal.dtype).tiny)
+    d = torch.cholesky_solve((signals @ coef.T).T, torch.linalg.cholesky(normal)).T
     norms = d.norm(dim=0)
     live = norms > 0
     d[:, live] /= norms[live]
