@@ -1,19 +1,25 @@
-"""Saving and reloading compressed models (checkpoint.py): a saved folder rebuilds a model
-whose logits are bit-identical to the in-memory compressed one (Llama with tied
-embeddings, Qwen2 with q/k/v biases; low-rank and dictionary modules), saves are atomic
-(nothing half-written, no temporary folder left, an existing destination untouched on
-failure), and damaged folders raise CospadiError with a message that says what is wrong."""
+"""Saving and reloading compressed models (checkpoint.py, hf_integration.py): for every
+supported family (tiny random Llama with tied embeddings, Mistral, Qwen2 with q/k/v
+biases, Qwen3, Gemma3 with sliding layers) and both module types, a saved folder
+rebuilds, through `cospadi.load` and through plain `AutoModelForCausalLM.from_pretrained`,
+a model whose logits are bit-identical to the in-memory compressed one, also when stored
+in bf16 with 14-bit values, in fp16, or in several shards. Saves are atomic (nothing
+half-written, no temporary folder left, an existing destination untouched on failure)."""
 
 import json
 import os
 
 import pytest
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
+from transformers import (AutoModelForCausalLM, Gemma3ForCausalLM, Gemma3TextConfig, LlamaConfig, LlamaForCausalLM,
+                          MistralConfig, MistralForCausalLM, Qwen2Config, Qwen2ForCausalLM, Qwen3Config,
+                          Qwen3ForCausalLM)
 
 import cospadi
-from cospadi.checkpoint import DESCRIPTION, FORMAT_VERSION, atomic_folder
+from cospadi.checkpoint import DESCRIPTION, REPORT, atomic_folder
 from cospadi.errors import CospadiError
+from cospadi.folder_checks import check_safetensors
+from cospadi.hf_integration import FORMAT_VERSION
 from cospadi.methods import SolverOptions
 from cospadi.modules import DictLinear, LowRankLinear
 from cospadi.pipeline import compress_blocks
@@ -25,6 +31,7 @@ COMMON = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidde
               num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=64)
 TARGETS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
            "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
+FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "gemma3")
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -40,8 +47,15 @@ def build(family: str) -> torch.nn.Module:
     torch.manual_seed(0)
     if family == "llama":  # tied embeddings, like SmolLM2
         model = LlamaForCausalLM(LlamaConfig(**COMMON, tie_word_embeddings=True))
+    elif family == "mistral":
+        model = MistralForCausalLM(MistralConfig(**COMMON))
     elif family == "qwen2":  # q/k/v biases, untied head
         model = Qwen2ForCausalLM(Qwen2Config(**COMMON, tie_word_embeddings=False))
+    elif family == "qwen3":
+        model = Qwen3ForCausalLM(Qwen3Config(**COMMON))
+    elif family == "gemma3":
+        model = Gemma3ForCausalLM(Gemma3TextConfig(**COMMON, sliding_window=8, query_pre_attn_scalar=16,
+                                                   layer_types=["sliding_attention", "full_attention"]))
     else:
         raise ValueError(family)
     return model.eval()
@@ -56,102 +70,140 @@ def logits(model: torch.nn.Module, input_ids: torch.Tensor) -> torch.Tensor:
     return model(input_ids=input_ids, use_cache=False).logits
 
 
+def compress(family: str, method: str):
+    """A fresh (model, report) compressed with `method`."""
+    model = build(family)
+    report = compress_blocks(model, ids(1, rows=8), method, RATIO, OPTIONS, batch_size=4, progress=False)
+    return model, report
+
+
 _COMPRESSED: dict[tuple[str, str], tuple] = {}
 
 
 def compressed(family: str, method: str):
     """(model, report) compressed once per (family, method); tests must not mutate it."""
-    key = (family, method)
-    if key not in _COMPRESSED:
-        model = build(family)
-        report = compress_blocks(model, ids(1, rows=8), method, RATIO, OPTIONS, batch_size=4, progress=False)
-        _COMPRESSED[key] = (model, report)
-    return _COMPRESSED[key]
+    if (family, method) not in _COMPRESSED:
+        _COMPRESSED[(family, method)] = compress(family, method)
+    return _COMPRESSED[(family, method)]
 
 
-def module_summary(model: torch.nn.Module) -> dict[str, tuple]:
-    """name -> (type, parameter/buffer shapes) of every module with tensors of its own."""
-    out = {}
-    for name, module in model.named_modules():
-        own = {k: tuple(v.shape) for k, v in list(module.named_parameters(recurse=False))
-               + list(module.named_buffers(recurse=False))}
-        if own:
-            out[name] = (type(module).__name__, tuple(sorted(own.items())))
-    return out
-
-
-@pytest.fixture(scope="module")
-def saved_llama(tmp_path_factory):
-    """A cospadi-compressed tiny Llama saved without a tokenizer (read-only for tests)."""
-    model, report = compressed("llama", "cospadi")
-    out = tmp_path_factory.mktemp("saved") / "llama-cospadi"
-    cospadi.save(model, None, out, report.to_dict())
-    return out
-
-
-def copy_folder(src, dst):
-    dst.mkdir()
-    for path in src.iterdir():
-        (dst / path.name).write_bytes(path.read_bytes())
-    return dst
-
-
-@pytest.mark.parametrize("method", ["svd-llm", "cospadi"])
-@pytest.mark.parametrize("family", ["llama", "qwen2"])
-def test_save_load_round_trip_is_bit_identical(family, method, tmp_path, smollm2):
-    model, report = compressed(family, method)
-    tokenizer = smollm2[1] if family == "llama" else None
-    out = tmp_path / "out"
-    returned = cospadi.save(model, tokenizer, out, report.to_dict())
-    assert os.fspath(returned) == os.fspath(out)
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]  # no temporary folder left beside it
-    files = {p.name for p in out.iterdir()}
-    assert {"config.json", "model.safetensors", DESCRIPTION} <= files
-
-    loaded, loaded_tok = cospadi.load(out)
-    assert not loaded.training
-    assert type(loaded) is type(model)
-    expected_type = DictLinear if method == "cospadi" else LowRankLinear
-    for i, layer in enumerate(loaded.model.layers):
-        for name in TARGETS:
-            module = layer.get_submodule(name)
-            assert type(module) is expected_type, f"block {i} {name} is {type(module).__name__}"
-            if family == "qwen2" and name in TARGETS[:3]:
-                assert module.bias is not None, f"block {i} {name} lost its bias"
-    assert module_summary(loaded) == module_summary(model)
+def assert_same_model(loaded: torch.nn.Module, model: torch.nn.Module) -> None:
+    """Same module types, tensors, dtypes and logits (bit for bit)."""
+    assert type(loaded) is type(model) and not loaded.training
+    assert {n: type(m).__name__ for n, m in loaded.named_modules()} == \
+        {n: type(m).__name__ for n, m in model.named_modules()}
     state, loaded_state = model.state_dict(), loaded.state_dict()
     assert state.keys() == loaded_state.keys()
     for key in state:
         assert state[key].dtype == loaded_state[key].dtype, key
         assert torch.equal(state[key], loaded_state[key]), key
+    for input_ids in (ids(7), ids(8, rows=1, length=1)):  # dense path and sparse (decode) path
+        assert torch.equal(logits(loaded, input_ids), logits(model, input_ids))
+
+
+@pytest.mark.parametrize("method", ["svd-llm", "cospadi"])
+@pytest.mark.parametrize("family", FAMILIES)
+def test_round_trip_both_ways_is_bit_identical(family, method, tmp_path):
+    model, report = compressed(family, method)
+    out = tmp_path / "out"
+    returned = cospadi.save(model, None, out, report.to_dict())
+    assert os.fspath(returned) == os.fspath(out)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]  # no temporary folder left beside it
+    assert {"config.json", "model.safetensors", DESCRIPTION, REPORT} <= {p.name for p in out.iterdir()}
+
+    loaded, tokenizer = cospadi.load(out)
+    assert tokenizer is None
+    expected_type = DictLinear if method == "cospadi" else LowRankLinear
+    for i, layer in enumerate(loaded.model.layers):
+        for name in TARGETS:
+            assert type(layer.get_submodule(name)) is expected_type, f"block {i} {name}"
+    assert_same_model(loaded, model)
     if family == "llama":  # tied head survives the round trip as a tie, not a copy
         assert loaded.lm_head.weight.data_ptr() == loaded.model.embed_tokens.weight.data_ptr()
+    if family == "qwen2":
+        assert loaded.model.layers[0].self_attn.q_proj.bias is not None
 
-    held_out = ids(7)
-    assert torch.equal(logits(loaded, held_out), logits(model, held_out))
+    plain = AutoModelForCausalLM.from_pretrained(out)  # the transformers route, after `import cospadi`
+    assert_same_model(plain, model)
 
-    if tokenizer is None:
-        assert loaded_tok is None
-    else:
-        text = "The quick brown fox jumps over the lazy dog."
-        assert loaded_tok(text).input_ids == tokenizer(text).input_ids
-        assert len(loaded_tok) == len(tokenizer)
-
+    entry = json.loads((out / "config.json").read_text())["quantization_config"]
+    assert entry["quant_method"] == "cospadi" and entry["format_version"] == FORMAT_VERSION
+    assert entry["method"] == method and entry["ratio"] == RATIO and entry["coef_bits"] is None
+    assert sorted(entry["modules"]) == sorted(f"model.layers.{i}.{n}" for i in range(2) for n in TARGETS)
     description = json.loads((out / DESCRIPTION).read_text())
     assert description["format_version"] == FORMAT_VERSION
-    assert len(description["modules"]) == 2 * len(TARGETS)
-    assert description["report"]["method"] == method
-    assert description["report"]["ratio"] == RATIO
-    assert len(description["report"]["matrices"]) == 2 * len(TARGETS)
+    assert description["report"]["method"] == method and len(description["report"]["matrices"]) == 2 * len(TARGETS)
+    text = (out / REPORT).read_text()
+    assert f"`{method}` at ratio {RATIO}" in text and "from_pretrained" in text and "mlp.down_proj" in text
 
 
-def test_load_model_routes_cospadi_folders_to_checkpoint_load(saved_llama):
-    model, _ = compressed("llama", "cospadi")
-    loaded, tokenizer = cospadi.load_model(str(saved_llama))
+@pytest.mark.parametrize("dtype,coef_bits", [("bfloat16", 14), ("bfloat16", None), ("float16", 14)])
+def test_compact_storage_round_trips_bit_identically(dtype, coef_bits, tmp_path):
+    model, report = compress("llama", "cospadi")
+    full_bytes = sum(t.numel() * t.element_size() for k, t in model.state_dict().items() if "layers" in k)
+    cospadi.save(model, None, tmp_path / "out", report.to_dict(), dtype=dtype, coef_bits=coef_bits,
+                 max_shard_size="40KB")
+    assert str(model.dtype) == f"torch.{dtype}"  # converted in place: what you hold is what was saved
+    module = model.model.layers[0].self_attn.q_proj
+    assert module.coef_bits == coef_bits and module.dictionary.dtype == model.dtype
+    assert model.model.rotary_emb.inv_freq.dtype == torch.float32  # as from_pretrained builds it
+    shards = sorted(p.name for p in (tmp_path / "out").glob("model-*.safetensors"))
+    assert len(shards) >= 2 and (tmp_path / "out" / "model.safetensors.index.json").is_file()
+    assert_same_model(cospadi.load(tmp_path / "out")[0], model)
+    assert_same_model(AutoModelForCausalLM.from_pretrained(tmp_path / "out"), model)
+    headers = [check_safetensors(tmp_path / "out" / name) for name in shards]
+    entries = {k: v for header in headers for k, v in header.items() if "layers" in k}
+    saved = sum(v["data_offsets"][1] - v["data_offsets"][0] for v in entries.values())
+    assert saved < full_bytes * 0.55  # half of fp32, plus the (uint8) bitmasks
+    key = "model.layers.0.self_attn.q_proj"
+    assert entries[f"{key}.mask"]["dtype"] == "U8"
+    if coef_bits:
+        assert f"{key}.coefs" not in entries and entries[f"{key}.coefs14"]["dtype"] == "U8"
+    if coef_bits:
+        assert "14 bits" in (tmp_path / "out" / REPORT).read_text()
+
+
+def test_load_with_another_dtype(tmp_path):
+    model, report = compressed("qwen2", "cospadi")
+    cospadi.save(model, None, tmp_path / "out", report.to_dict())
+    loaded, _ = cospadi.load(tmp_path / "out", dtype="bfloat16")
+    assert loaded.dtype == torch.bfloat16
+    assert loaded.model.layers[0].mlp.up_proj.dictionary.dtype == torch.bfloat16
+    close = logits(loaded, ids(3)).float()
+    assert float((close - logits(model, ids(3))).norm() / logits(model, ids(3)).norm()) < 0.05
+
+
+def test_generate_runs_on_the_reloaded_model(tmp_path):
+    model, report = compressed("llama", "cospadi")
+    cospadi.save(model, None, tmp_path / "out", report.to_dict())
+    loaded, _ = cospadi.load(tmp_path / "out")
+    prompt = ids(4, rows=1, length=5)
+    kwargs = dict(max_new_tokens=6, min_new_tokens=6, do_sample=False, pad_token_id=0)
+    assert torch.equal(loaded.generate(prompt, **kwargs), model.generate(prompt, **kwargs))
+
+
+def test_load_model_routes_cospadi_folders_to_checkpoint_load(tmp_path):
+    model, report = compressed("llama", "cospadi")
+    cospadi.save(model, None, tmp_path / "out", report.to_dict())
+    loaded, tokenizer = cospadi.load_model(str(tmp_path / "out"))
     assert tokenizer is None  # saved without one
     assert isinstance(loaded.model.layers[1].mlp.down_proj, DictLinear)
-    held_out = ids(8)
-    assert torch.equal(logits(loaded, held_out), logits(model, held_out))
+    assert torch.equal(logits(loaded, ids(8)), logits(model, ids(8)))
+
+
+def test_saving_a_model_without_compressed_modules_is_refused(tmp_path):
+    with pytest.raises(CospadiError, match="no compressed modules"):
+        cospadi.save(build("llama"), None, tmp_path / "out")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_bad_storage_options_are_refused_before_writing(tmp_path):
+    model, report = compressed("llama", "svd-llm")
+    with pytest.raises(CospadiError, match="dtype 'int8'"):
+        cospadi.save(model, None, tmp_path / "out", dtype="int8")
+    with pytest.raises(CospadiError, match="coefficient bits 12"):
+        cospadi.save(model, None, tmp_path / "out", coef_bits=12)
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_save_over_an_existing_folder_replaces_it_and_leaves_no_leftovers(tmp_path):
@@ -219,10 +271,12 @@ def test_failed_save_leaves_no_destination_and_no_temporary_folder(tmp_path, mon
     assert list(tmp_path.iterdir()) == []
 
 
-def test_failed_save_leaves_an_existing_destination_untouched(tmp_path, monkeypatch, saved_llama):
-    model, report = compressed("llama", "svd-llm")
-    out = copy_folder(saved_llama, tmp_path / "out")
+def test_failed_save_leaves_an_existing_destination_untouched(tmp_path, monkeypatch):
+    cospadi_model, report = compressed("llama", "cospadi")
+    out = tmp_path / "out"
+    cospadi.save(cospadi_model, None, out, report.to_dict())
     before = {p.name: p.read_bytes() for p in out.iterdir()}
+    model, report = compressed("llama", "svd-llm")
     _fail_midway(model, monkeypatch)
     with pytest.raises(OSError):
         cospadi.save(model, None, out, report.to_dict())
@@ -230,72 +284,3 @@ def test_failed_save_leaves_an_existing_destination_untouched(tmp_path, monkeypa
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
     loaded, _ = cospadi.load(out)  # still the earlier cospadi model
     assert isinstance(loaded.model.layers[0].self_attn.q_proj, DictLinear)
-
-
-def test_load_without_description_says_it_is_not_a_cospadi_folder(tmp_path, saved_llama):
-    broken = copy_folder(saved_llama, tmp_path / "broken")
-    (broken / DESCRIPTION).unlink()
-    with pytest.raises(CospadiError, match=r"cospadi\.json.*not a cospadi output folder"):
-        cospadi.load(broken)
-
-
-def test_load_truncated_weights_says_corrupt(tmp_path, saved_llama):
-    broken = copy_folder(saved_llama, tmp_path / "broken")
-    weights = broken / "model.safetensors"
-    data = weights.read_bytes()
-    weights.write_bytes(data[: len(data) // 2])
-    with pytest.raises(CospadiError, match=r"model\.safetensors.*corrupt.*compress again"):
-        cospadi.load(broken)
-
-
-def test_load_without_weights_says_incomplete(tmp_path, saved_llama):
-    broken = copy_folder(saved_llama, tmp_path / "broken")
-    (broken / "model.safetensors").unlink()
-    with pytest.raises(CospadiError, match=r"no model\*\.safetensors.*incomplete"):
-        cospadi.load(broken)
-
-
-def test_load_newer_format_says_upgrade(tmp_path, saved_llama):
-    broken = copy_folder(saved_llama, tmp_path / "broken")
-    description = json.loads((broken / DESCRIPTION).read_text())
-    description["format_version"] = 99
-    (broken / DESCRIPTION).write_text(json.dumps(description))
-    with pytest.raises(CospadiError, match=r"version 99.*upgrade cospadi"):
-        cospadi.load(broken)
-
-
-def test_load_invalid_description_json_says_corrupt(tmp_path, saved_llama):
-    broken = copy_folder(saved_llama, tmp_path / "broken")
-    (broken / DESCRIPTION).write_text('{"format_version": 1, "modules": ')
-    with pytest.raises(CospadiError, match=r"not valid JSON.*corrupt"):
-        cospadi.load(broken)
-
-
-def test_load_unknown_module_type_is_named(tmp_path, saved_llama):
-    broken = copy_folder(saved_llama, tmp_path / "broken")
-    description = json.loads((broken / DESCRIPTION).read_text())
-    description["modules"]["model.layers.0.mlp.up_proj"]["type"] = "quantized"
-    (broken / DESCRIPTION).write_text(json.dumps(description))
-    with pytest.raises(CospadiError, match=r"unknown module type 'quantized'.*model\.layers\.0\.mlp\.up_proj"):
-        cospadi.load(broken)
-
-
-def test_load_description_without_modules_reports_mismatched_weights(tmp_path, saved_llama):
-    broken = copy_folder(saved_llama, tmp_path / "broken")
-    description = json.loads((broken / DESCRIPTION).read_text())
-    description["modules"] = {}
-    (broken / DESCRIPTION).write_text(json.dumps(description))
-    with pytest.raises(CospadiError, match=r"do not match the description.*corrupt"):
-        cospadi.load(broken)
-
-
-def test_load_description_with_wrong_shapes_raises_cospadi_error(tmp_path, saved_llama):
-    """A cospadi.json whose module sizes disagree with the weights (e.g. copied from
-    another run) is a corrupt folder like any other: CospadiError, not a raw
-    RuntimeError from load_state_dict."""
-    broken = copy_folder(saved_llama, tmp_path / "broken")
-    description = json.loads((broken / DESCRIPTION).read_text())
-    description["modules"]["model.layers.0.self_attn.q_proj"]["atoms"] += 1
-    (broken / DESCRIPTION).write_text(json.dumps(description))
-    with pytest.raises(CospadiError, match=r"model\.layers\.0\.self_attn\.q_proj"):
-        cospadi.load(broken)

@@ -196,7 +196,8 @@ def test_compress_writes_a_loadable_output_folder(compressed_run, files):
             assert isinstance(layer.get_submodule(name), DictLinear), f"block {i} {name}"
     description = json.loads((out / DESCRIPTION).read_text())
     assert description["report"]["summary"]["method"] == description["report"]["method"] == "cospadi"
-    assert len(description["modules"]) == LAYERS * len(TARGETS)
+    entry = json.loads((out / "config.json").read_text())["quantization_config"]
+    assert entry["quant_method"] == "cospadi" and len(entry["modules"]) == LAYERS * len(TARGETS)
 
 
 def test_compress_json_has_one_entry_per_compressed_linear(compressed_run):

@@ -1,30 +1,35 @@
 """Saving and reloading compressed models.
 
-A saved folder holds what `save_pretrained` writes (config.json, model.safetensors with
-the factors under each compressed linear's name, generation config), the tokenizer, and
-`cospadi.json`: the format version, the shape of every compressed module and the run's
-report. Folders are written under a temporary name and renamed into place, so a failed
-or interrupted save never leaves a half-written folder at the destination."""
+A saved folder is what transformers' `save_pretrained` writes (config.json, safetensors
+shards, generation config) plus the tokenizer, `cospadi.json` (the format version and the
+run's full report) and `REPORT.md` (a short human-readable summary). config.json carries
+a `quantization_config` with `quant_method: "cospadi"` and every compressed module's
+shape (hf_integration.py), so after `import cospadi` plain
+`AutoModelForCausalLM.from_pretrained(folder)` rebuilds the model; `load` does the same
+after checking the folder. Folders are written under a temporary name and renamed into
+place, so a failed or interrupted save never leaves a half-written folder."""
 from __future__ import annotations
 
 import json
 import os
 import shutil
 import tempfile
-from collections.abc import Callable
 from contextlib import contextmanager
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file
-from torch import nn
-from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 
+from .coefficients import check_coef_bits
 from .errors import CospadiError
-from .modules import DictLinear, LowRankLinear
+from .folder_checks import check_folder
+from .folder_report import render_report
+from .hf_integration import FORMAT_VERSION, CospadiConfig
+from .modules import DictLinear, compressed_modules
 
-FORMAT_VERSION = 1
 DESCRIPTION = "cospadi.json"
+REPORT = "REPORT.md"
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 @contextmanager
@@ -54,81 +59,106 @@ def atomic_folder(out_dir: str | os.PathLike) -> Path:
         raise
 
 
-def module_specs(model: nn.Module) -> dict[str, dict]:
-    """name -> constructor arguments of every compressed module in `model`."""
-    specs: dict[str, dict] = {}
-    for name, module in model.named_modules():
+def parse_dtype(name: str | torch.dtype | None) -> torch.dtype | None:
+    """'float32' | 'bfloat16' | 'float16' (or a torch dtype, or None) -> torch dtype or None."""
+    if name is None or isinstance(name, torch.dtype):
+        if name is not None and name not in DTYPES.values():
+            raise CospadiError(f"dtype {name} is not supported; choose one of {', '.join(DTYPES)}")
+        return name
+    if name not in DTYPES:
+        raise CospadiError(f"dtype {name!r} is not supported; choose one of {', '.join(DTYPES)}")
+    return DTYPES[name]
+
+
+def to_storage(model: PreTrainedModel, dtype: torch.dtype | str | None = None,
+               coef_bits: int | None = None) -> PreTrainedModel:
+    """Convert `model` in place to what `save` writes: floating tensors cast to `dtype`
+    (None: unchanged) and, with coef_bits=14, every DictLinear's values truncated to 14
+    bits and packed. Returns the model."""
+    dtype = parse_dtype(dtype)
+    check_coef_bits(coef_bits)
+    if dtype is not None:
+        _cast_saved_tensors(model, dtype)
+    for _, module in compressed_modules(model):
         if isinstance(module, DictLinear):
-            specs[name] = {"type": "dict", "in_features": module.in_features, "out_features": module.out_features,
-                           "atoms": module.atoms, "sparsity": module.sparsity, "bias": module.bias is not None}
-        elif isinstance(module, LowRankLinear):
-            specs[name] = {"type": "lowrank", "in_features": module.in_features, "out_features": module.out_features,
-                           "rank": module.rank, "bias": module.bias is not None}
-    return specs
+            module.compact_(coef_bits)
+    return model
 
 
-def save(model: PreTrainedModel, tokenizer, out_dir: str | os.PathLike, report: dict | None = None) -> Path:
-    """Write the (compressed) model, its tokenizer and cospadi.json to `out_dir` atomically."""
+def _cast_saved_tensors(model: torch.nn.Module, dtype: torch.dtype) -> None:
+    """Cast the floating parameters and persistent buffers to `dtype`, as
+    from_pretrained(dtype=...) builds them; non-persistent buffers (rotary tables) keep
+    their dtype, so the converted model and its reload compute alike."""
+    with torch.no_grad():
+        for module in model.modules():
+            for param in module.parameters(recurse=False):
+                if param.is_floating_point() and param.dtype != dtype:
+                    param.data = param.data.to(dtype)
+            for name, buffer in module.named_buffers(recurse=False):
+                if (buffer is not None and buffer.is_floating_point() and buffer.dtype != dtype
+                        and name not in module._non_persistent_buffers_set):
+                    module._buffers[name] = buffer.to(dtype)
+            if isinstance(module, DictLinear):
+                module._runtime = None
+
+
+def save(model: PreTrainedModel, tokenizer, out_dir: str | os.PathLike, report: dict | None = None, *,
+         dtype: torch.dtype | str | None = None, coef_bits: int | None = None,
+         max_shard_size: str | int | None = None) -> Path:
+    """Write the compressed `model`, its tokenizer (None: none), cospadi.json and
+    REPORT.md to `out_dir` atomically. `dtype` ('float32', 'bfloat16', 'float16'; None:
+    the model's own) and `coef_bits` (14: packed 14-bit values of S; None: the dtype's)
+    choose the storage; if they change the numbers, `model` is converted in place first
+    (to_storage), so the model you hold computes exactly what the folder reloads.
+    `max_shard_size` (e.g. "200MB") splits the weights into several safetensors shards."""
+    modules = dict(compressed_modules(model))
+    if not modules:
+        raise CospadiError("the model has no compressed modules: compress it first (cospadi.compress), or save a "
+                           "dense model with save_pretrained")
+    to_storage(model, dtype, coef_bits)
+    report = report or {}
+    bits = coef_bits if any(isinstance(m, DictLinear) for m in modules.values()) else None
+    model.config.quantization_config = CospadiConfig.from_model(model, bits, report.get("method"),
+                                                                report.get("ratio"))
+    kwargs = {"max_shard_size": max_shard_size} if max_shard_size is not None else {}
     with atomic_folder(out_dir) as tmp:
-        model.save_pretrained(tmp)
+        model.save_pretrained(tmp, **kwargs)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
-        description = {"format_version": FORMAT_VERSION, "modules": module_specs(model), "report": report}
+        description = {"format_version": FORMAT_VERSION, "report": report}
         (tmp / DESCRIPTION).write_text(json.dumps(description, indent=1))
+        (tmp / REPORT).write_text(render_report(model, report, bits))
     return Path(out_dir)
 
 
-_BUILDERS: dict[str, Callable[[dict, torch.dtype], nn.Module]] = {
-    "dict": lambda s, dt: DictLinear(s["in_features"], s["out_features"], s["atoms"], s["sparsity"], s["bias"], dt),
-    "lowrank": lambda s, dt: LowRankLinear(s["in_features"], s["out_features"], s["rank"], s["bias"], dt),
-}
-
-
-def load(path: str | os.PathLike) -> tuple[PreTrainedModel, object]:
-    """Rebuild a model saved by `save`: (model in eval mode, tokenizer or None)."""
+def load(path: str | os.PathLike, dtype: torch.dtype | str | None = None) -> tuple[PreTrainedModel, object]:
+    """Rebuild a model saved by `save`: (model in eval mode, tokenizer or None). The model
+    comes back at its saved dtype unless `dtype` says otherwise; its logits are
+    bit-identical to those of the model that was saved. Every damaged-folder case raises
+    CospadiError with what to do (see folder_checks.py)."""
     folder = Path(path)
-    description = _read_description(folder)
-    config = AutoConfig.from_pretrained(folder)
-    dtype = config.dtype if isinstance(getattr(config, "dtype", None), torch.dtype) else torch.float32
-    model = AutoModelForCausalLM.from_config(config, dtype=dtype)
-    for name, spec in description["modules"].items():
-        if spec.get("type") not in _BUILDERS:
-            raise CospadiError(f"{folder / DESCRIPTION}: unknown module type {spec.get('type')!r} for {name}")
-        model.set_submodule(name, _BUILDERS[spec["type"]](spec, dtype))
-    state = {}
-    shards = sorted(folder.glob("model*.safetensors"))
-    if not shards:
-        raise CospadiError(f"{folder} has no model*.safetensors weights: the save was incomplete; compress again")
-    for shard in shards:
-        try:
-            state.update(load_file(shard))
-        except Exception as exc:  # safetensors raises its own error types for truncated files
-            raise CospadiError(f"cannot read {shard}: {exc}; the file is corrupt, compress again") from exc
+    check_folder(folder)
+    torch_dtype = parse_dtype(dtype) or "auto"
     try:
-        missing, unexpected = model.load_state_dict(state, strict=False)
-    except RuntimeError as exc:  # shape mismatches raise even with strict=False
-        raise CospadiError(f"{folder}: weights do not match the description ({str(exc).splitlines()[1].strip()}); "
-                           "the folder is corrupt or from another tool") from None
-    if getattr(config, "tie_word_embeddings", False):  # the saved file holds the tied head once
-        missing = [key for key in missing if not key.endswith("lm_head.weight")]
-    if missing or unexpected:
-        raise CospadiError(f"{folder}: weights do not match the description (missing {missing[:3]}, "
-                           f"unexpected {unexpected[:3]}); the folder is corrupt or from another tool")
-    model.tie_weights()
+        model, info = AutoModelForCausalLM.from_pretrained(folder, dtype=torch_dtype, output_loading_info=True,
+                                                           ignore_mismatched_sizes=True)  # reported below
+    except CospadiError:
+        raise
+    except (OSError, ValueError, RuntimeError, KeyError, TypeError) as exc:
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise CospadiError(f"cannot load {folder} ({reason}); the folder is corrupt: compress again") from None
+    problems = {kind: sorted(str(k) for k in info.get(kind) or []) for kind in
+                ("missing_keys", "unexpected_keys", "mismatched_keys")}
+    if any(problems.values()):
+        detail = "; ".join(f"{kind.replace('_', ' ')} {names[:3]}" for kind, names in problems.items() if names)
+        raise CospadiError(f"{folder}: the weights do not match config.json ({detail}); the folder is corrupt or "
+                           "from another tool: compress again")
     model.eval()
-    tokenizer = AutoTokenizer.from_pretrained(folder) if (folder / "tokenizer_config.json").exists() else None
+    tokenizer = None
+    if (folder / "tokenizer_config.json").exists():
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(folder)
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            raise CospadiError(f"cannot read the tokenizer in {folder} ({type(exc).__name__}); the folder is "
+                               "corrupt: copy it again") from None
     return model, tokenizer
-
-
-def _read_description(folder: Path) -> dict:
-    if not (folder / DESCRIPTION).is_file():
-        raise CospadiError(f"{folder} has no {DESCRIPTION}: it is not a cospadi output folder")
-    try:
-        description = json.loads((folder / DESCRIPTION).read_text())
-    except json.JSONDecodeError as exc:
-        raise CospadiError(f"{folder / DESCRIPTION} is not valid JSON ({exc.msg}); the folder is corrupt") from exc
-    version = description.get("format_version")
-    if not isinstance(version, int) or version > FORMAT_VERSION:
-        raise CospadiError(f"{folder} uses cospadi format version {version}, newer than this cospadi "
-                           f"({FORMAT_VERSION}): upgrade cospadi")
-    return description

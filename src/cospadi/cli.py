@@ -12,9 +12,9 @@ import transformers
 
 from pathlib import Path
 
-from . import api, bench, bench_solver
+from . import api, bench, bench_infer, bench_solver, export
 from .budget import check_ratio
-from .checkpoint import save
+from .checkpoint import DTYPES, parse_dtype, save
 from .data import load_corpus
 from .errors import CospadiError
 from .evaluate import perplexity
@@ -65,6 +65,10 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--batch-size", type=int, default=8, help="calibration windows per forward pass")
     c.add_argument("--out", default=None, help="save the compressed model to this folder")
     c.add_argument("--json", default=None, help="write the full report (per matrix) to this JSON file")
+    c.add_argument("--dtype", default=None, choices=list(DTYPES),
+                   help="storage dtype of --out (default: the model's own, so the reload is exact)")
+    c.add_argument("--coef-bits", type=int, default=None, choices=[14],
+                   help="store the values of S in 14 bits (bf16 less 2 mantissa bits; pays for the bitmask)")
     b = sub.add_parser("bench", help="sweep methods x ratios, cache each cell, write a table into BENCHMARKS.md")
     _add_text_args(b)
     _add_solver_args(b)
@@ -89,6 +93,15 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--quiet", action="store_true", help="no progress bars")
     e = sub.add_parser("eval", help="perplexity of a model or of a saved cospadi output folder")
     _add_text_args(e)
+    x = sub.add_parser("export", help="write a plain transformers checkpoint with W = D S multiplied out")
+    x.add_argument("--dense", action="store_true", help="export format: dense nn.Linear weights (the only one)")
+    x.add_argument("folder", help="a folder written by `cospadi compress --out`")
+    x.add_argument("out", help="the folder to write")
+    x.add_argument("--dtype", default=None, choices=list(DTYPES), help="dtype of the export (default: as saved)")
+    x.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    x.add_argument("--quiet", action="store_true", help="no progress bars")
+    bench_infer.add_arguments(sub.add_parser("bench-infer", help="dense vs svd-llm vs cospadi: bytes on disk, "
+                                             "decode and prefill speed, memory; written into BENCHMARKS.md"))
     return parser
 
 
@@ -107,6 +120,7 @@ def run_compress(args: argparse.Namespace) -> list[dict]:
         raise CospadiError(f"--eval-windows {args.eval_windows} must be 0 (skip) or more")
     for name in ("calib_samples", "seq_len", "batch_size"):
         _positive("--" + name.replace("_", "-"), getattr(args, name))
+    parse_dtype(args.dtype)
     calib_texts, eval_texts = load_corpus(args.data)
     model, tokenizer = load_model(args.model)
     ids = api.calibration_ids(model, tokenizer, calib_texts, args.calib_samples, args.seq_len, args.seed)
@@ -122,7 +136,8 @@ def run_compress(args: argparse.Namespace) -> list[dict]:
         with open(args.json, "w") as fh:
             json.dump({"summary": row, "report": report.to_dict()}, fh, indent=1)
     if args.out:
-        save(model, tokenizer, args.out, {"summary": row, **report.to_dict()})
+        save(model, tokenizer, args.out, {"summary": row, **report.to_dict()}, dtype=args.dtype,
+             coef_bits=args.coef_bits)
     return [row]
 
 
@@ -194,6 +209,22 @@ def run_bench_solver(args: argparse.Namespace) -> list[dict]:
     return rows
 
 
+def run_export(args: argparse.Namespace) -> list[dict]:
+    """`cospadi export --dense FOLDER OUT`."""
+    if not args.dense:
+        raise CospadiError("choose an export format: --dense (W = D S multiplied out into plain linear layers)")
+    out = export.export_dense(args.folder, args.out, args.dtype)
+    files = sorted(p.name for p in out.iterdir())
+    return [{"exported": str(out), "from": args.folder, "files": ", ".join(files)}]
+
+
+def run_bench_infer(args: argparse.Namespace) -> list[dict]:
+    """`cospadi bench-infer`: see bench_infer.py."""
+    command = "cospadi " + " ".join(sys.argv[1:]) if sys.argv[1:2] == ["bench-infer"] else "cospadi bench-infer"
+    return bench_infer.run(bench_infer.from_args(args), Path(args.work), Path(args.output), command,
+                           progress=not args.quiet)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.threads:
@@ -202,7 +233,8 @@ def main(argv: list[str] | None = None) -> int:
         transformers.utils.logging.disable_progress_bar()
     try:
         rows = {"compress": run_compress, "eval": run_eval, "bench": run_bench,
-                "bench-solver": run_bench_solver}[args.command](args)
+                "bench-solver": run_bench_solver, "export": run_export,
+                "bench-infer": run_bench_infer}[args.command](args)
     except CospadiError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

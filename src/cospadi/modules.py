@@ -1,10 +1,24 @@
 """Compressed drop-in replacements for nn.Linear. Both compute y = x W + b with W never
-materialised: LowRankLinear as (x U) V, DictLinear as (x D) S with S column-sparse."""
+materialised: LowRankLinear as (x U) V, DictLinear as (x D) S with S column-sparse.
+
+DictLinear stores S as METHOD.md describes: a packed bitmask of its (k, d2) pattern
+(`mask`, see bitmask.py) plus the s values of each column in ascending row order
+(`coefs`, (d2, s), at the module's dtype; or `coefs14`, packed 14-bit codes, see
+coefficients.py). Row indices are derived from the mask when the module is first used
+and kept in a cache that follows the stored tensors."""
 from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
 
 import torch
 from torch import nn
 
+from . import kernels
+from .bitmask import mask_to_columns, packed_size, pattern_to_mask
+from .coefficients import check_coef_bits, pack14, packed14_size, unpack14
+from .errors import CospadiError
 from .solvers.factors import LowRankFactors, SparseDictFactors
 
 
@@ -31,6 +45,10 @@ class LowRankLinear(nn.Module):
                 module.bias.copy_(bias)
         return module
 
+    def weight(self) -> torch.Tensor:
+        """W = left @ right, (in, out), multiplied in float32 and cast to the module's dtype."""
+        return (self.left.float() @ self.right.float()).to(self.left.dtype)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = (x @ self.left) @ self.right
         return y + self.bias if self.bias is not None else y
@@ -39,44 +57,165 @@ class LowRankLinear(nn.Module):
         return f"in_features={self.in_features}, out_features={self.out_features}, rank={self.rank}"
 
 
+@dataclass
+class _Runtime:
+    """What DictLinear derives from its stored tensors: built once, dropped when they change."""
+
+    key: tuple
+    columns: torch.Tensor  # (out, s) int32, ascending rows of each column of S
+    coefs: torch.Tensor  # (out, s) at the module's dtype, detached
+    csr: torch.Tensor | None = None  # S^T (out, k), built on the first sparse call
+
+
 class DictLinear(nn.Module):
     """y = (x @ dictionary) @ S + bias; dictionary (in, k); S (k, out) with exactly s
-    nonzeros per column: `values` (s, out) at atom rows `indices` (s, out)."""
+    nonzeros per column, stored as `mask` (packed bits of its pattern) and `coefs`
+    (out, s) or `coefs14` (coef_bits=14). `values` and `indices` give S as (s, out)
+    values and ascending row indices. `path` picks the forward: "auto" (by input size
+    and device, see kernels.choose_path), "dense" or "sparse"."""
 
     def __init__(self, in_features: int, out_features: int, atoms: int, sparsity: int, bias: bool = False,
-                 dtype: torch.dtype = torch.float32, device: torch.device | str | None = None) -> None:
+                 dtype: torch.dtype = torch.float32, device: torch.device | str | None = None,
+                 coef_bits: int | None = None) -> None:
         super().__init__()
+        check_coef_bits(coef_bits)
+        if not 1 <= sparsity <= atoms:
+            raise CospadiError(f"sparsity {sparsity} must lie in [1, atoms={atoms}]")
         self.in_features, self.out_features = in_features, out_features
-        self.atoms, self.sparsity = atoms, sparsity
+        self.atoms, self.sparsity, self.coef_bits = atoms, sparsity, coef_bits
         self.dictionary = nn.Parameter(torch.empty(in_features, atoms, dtype=dtype, device=device))
-        self.values = nn.Parameter(torch.empty(sparsity, out_features, dtype=dtype, device=device))
-        index_dtype = torch.int16 if atoms <= torch.iinfo(torch.int16).max else torch.int32
-        self.register_buffer("indices", torch.zeros(sparsity, out_features, dtype=index_dtype, device=device))
+        self.register_buffer("mask", torch.zeros(packed_size(atoms * out_features), dtype=torch.uint8, device=device))
+        if coef_bits is None:
+            self.coefs = nn.Parameter(torch.empty(out_features, sparsity, dtype=dtype, device=device))
+        else:
+            self.register_buffer("coefs14", torch.zeros(packed14_size(out_features * sparsity), dtype=torch.uint8,
+                                                        device=device))
         self.bias = nn.Parameter(torch.zeros(out_features, dtype=dtype, device=device)) if bias else None
+        self.path = "auto"
+        self._runtime: _Runtime | None = None
 
     @classmethod
     def from_factors(cls, factors: SparseDictFactors, bias: torch.Tensor | None, dtype: torch.dtype) -> "DictLinear":
-        """A module holding the given factors (cast to dtype) and a copy of `bias`."""
+        """A module holding the given factors (cast to dtype) and a copy of `bias`;
+        factors.indices must be ascending in every column."""
         in_features, atoms = factors.dictionary.shape
         sparsity, out_features = factors.values.shape
         module = cls(in_features, out_features, atoms, sparsity, bias is not None, dtype, factors.dictionary.device)
         with torch.no_grad():
             module.dictionary.copy_(factors.dictionary)
-            module.values.copy_(factors.values)
-            module.indices.copy_(factors.indices)
+            module.mask.copy_(pattern_to_mask(factors.indices, atoms))
+            module.coefs.copy_(factors.values.T)
             if bias is not None:
                 module.bias.copy_(bias)
         return module
 
+    # ------------------------------------------------------------------ storage
+    def compact_(self, coef_bits: int | None) -> "DictLinear":
+        """Store the values with `coef_bits` (14: truncated to 14 bits and packed; None:
+        keep as they are). In place; a no-op when already so. Returns self."""
+        check_coef_bits(coef_bits)
+        if coef_bits == self.coef_bits or coef_bits is None:
+            return self
+        packed = pack14(self.coefs.detach())
+        del self.coefs
+        self.register_buffer("coefs14", packed)
+        self.coef_bits = coef_bits
+        self._runtime = None
+        return self
+
+    def _stored_coefs(self) -> torch.Tensor:
+        """(out, s) values at the module's dtype; the Parameter itself when not packed."""
+        if self.coef_bits is None:
+            return self.coefs
+        return unpack14(self.coefs14, self.out_features * self.sparsity).view(
+            self.out_features, self.sparsity).to(self.dictionary.dtype)
+
+    def _key(self) -> tuple:
+        stored = self.coefs if self.coef_bits is None else self.coefs14
+        return tuple((t.data_ptr(), t._version, t.dtype, t.device) for t in (self.mask, stored)) + (
+            self.dictionary.dtype,)
+
+    def prepare(self) -> "DictLinear":
+        """Derive the row indices from the mask (checking that every column has exactly s
+        bits: CospadiError otherwise) and decode packed values. Runs by itself on first
+        use; call it after loading to fail early. Returns self."""
+        key = self._key()
+        if self._runtime is None or self._runtime.key != key:
+            columns = mask_to_columns(self.mask, self.atoms, self.out_features, self.sparsity)
+            self._runtime = _Runtime(key, columns, self._stored_coefs().detach())
+        return self
+
+    @property
+    def values(self) -> torch.Tensor:
+        """S's stored values, (s, out): column j's values in ascending row order."""
+        return self._stored_coefs().T
+
+    @property
+    def indices(self) -> torch.Tensor:
+        """S's row indices, (s, out) int32, ascending in every column."""
+        return self.prepare()._runtime.columns.T
+
     def coefficients(self) -> torch.Tensor:
         """S as a dense (k, out) tensor."""
-        dense = torch.zeros(self.atoms, self.out_features, dtype=self.values.dtype, device=self.values.device)
+        dense = torch.zeros(self.atoms, self.out_features, dtype=self.dictionary.dtype, device=self.mask.device)
         return dense.scatter(0, self.indices.long(), self.values)
 
+    def weight(self) -> torch.Tensor:
+        """W = D S, (in, out), multiplied in float32 and cast to the module's dtype."""
+        return (self.dictionary.float() @ self.coefficients().float()).to(self.dictionary.dtype)
+
+    # ------------------------------------------------------------------ compute
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = (x @ self.dictionary) @ self.coefficients()
-        return y + self.bias if self.bias is not None else y
+        runtime = self.prepare()._runtime
+        flat = x.reshape(-1, self.in_features)
+        coefs = self.coefs if self.coef_bits is None else runtime.coefs
+        needs_grad = torch.is_grad_enabled() and (self.dictionary.requires_grad or coefs.requires_grad
+                                                  or x.requires_grad)
+        path = self.path if self.path != "auto" else kernels.choose_path(flat.shape[0], x.device, needs_grad)
+        if path == "sparse":
+            if runtime.csr is None:
+                runtime.csr = kernels.build_csr(runtime.columns, runtime.coefs, self.atoms)
+            y = kernels.sparse_forward(flat, self.dictionary.detach(), runtime.csr, self.bias)
+        elif path == "dense":
+            y = kernels.dense_forward(flat, self.dictionary, runtime.columns, coefs, self.bias)
+        else:
+            raise CospadiError(f"unknown path {path!r}; choose one of {', '.join(kernels.PATHS)}")
+        return y.view(*x.shape[:-1], self.out_features)
+
+    def _apply(self, fn, recurse: bool = True):  # .to(), .half(), ...: the cache follows on next use
+        self._runtime = None
+        return super()._apply(fn, recurse)
+
+    def __getstate__(self) -> dict:
+        state = self.__dict__.copy()
+        state["_runtime"] = None
+        return state
 
     def extra_repr(self) -> str:
+        bits = f", coef_bits={self.coef_bits}" if self.coef_bits else ""
         return (f"in_features={self.in_features}, out_features={self.out_features}, "
-                f"atoms={self.atoms}, sparsity={self.sparsity}")
+                f"atoms={self.atoms}, sparsity={self.sparsity}{bits}")
+
+
+def compressed_modules(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
+    """(name, module) of every DictLinear and LowRankLinear in `model`, in order."""
+    for name, module in model.named_modules():
+        if isinstance(module, (DictLinear, LowRankLinear)):
+            yield name, module
+
+
+@contextmanager
+def forward_path(model: nn.Module, path: str) -> Iterator[None]:
+    """Within the block, every DictLinear of `model` uses `path` ("auto", "dense" or
+    "sparse"); the previous choices come back afterwards."""
+    if path not in kernels.PATHS:
+        raise CospadiError(f"unknown path {path!r}; choose one of {', '.join(kernels.PATHS)}")
+    modules = [m for m in model.modules() if isinstance(m, DictLinear)]
+    before = [m.path for m in modules]
+    for module in modules:
+        module.path = path
+    try:
+        yield
+    finally:
+        for module, old in zip(modules, before):
+            module.path = old

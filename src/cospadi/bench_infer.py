@@ -1,0 +1,270 @@
+"""`cospadi bench-infer`: the dense model, the low-rank baseline and CoSpaDi side by side
+in one run: bytes on disk (the compressed linears' weights and the whole folder), decode
+speed (greedy generation, batch 1), prefill speed (one long forward pass per batch
+size) and peak resident memory while generating. Each model is saved once under the
+work folder at the storage dtype (dense too, so the byte counts compare like with like),
+then measured in a fresh process (infer_worker.py) at the compute dtype. The table goes
+into BENCHMARKS.md between markers that name the run."""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import statistics
+import subprocess
+import sys
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from . import api
+from .bench import write_section
+from .budget import check_ratio
+from .checkpoint import atomic_folder, parse_dtype, save, to_storage
+from .coefficients import check_coef_bits
+from .data import load_corpus
+from .errors import CospadiError
+from .folder_checks import check_safetensors, read_config, weight_files
+from .methods import METHODS, SolverOptions, check_method
+from .models import load_model
+from .report import results_table
+
+TARGETS = {"linear bytes": 0.71, "decode": 1.0, "prefill": 0.8}  # vs dense, from the issue
+
+
+@dataclass(frozen=True)
+class InferBench:
+    """What one bench-infer run measures."""
+
+    model: str = "smollm2-135m"
+    data: str = "wiki"
+    ratio: float = 0.3
+    methods: tuple[str, ...] = ("svd-llm", "cospadi")
+    storage_dtype: str = "bfloat16"
+    coef_bits: int | None = 14
+    compute_dtype: str = "float32"
+    calib_samples: int = api.DEFAULT_CALIB_SAMPLES
+    seq_len: int = api.DEFAULT_SEQ_LEN
+    seed: int = 42
+    prompt_len: int = 32
+    new_tokens: int = 128
+    prefill_len: int = 512
+    batches: tuple[int, ...] = (1, 8)
+    repeats: int = 5
+    threads: int = 2
+    dense_path_row: bool = True
+    profile: bool = False
+    options: SolverOptions = field(default_factory=SolverOptions)
+
+    def check(self) -> None:
+        """CospadiError for any unusable setting, before any work."""
+        check_ratio(self.ratio)
+        for method in self.methods:
+            check_method(method)
+        parse_dtype(self.storage_dtype)
+        parse_dtype(self.compute_dtype)
+        check_coef_bits(self.coef_bits)
+        for name in ("calib_samples", "seq_len", "prompt_len", "new_tokens", "prefill_len", "repeats", "threads"):
+            if getattr(self, name) < 1:
+                raise CospadiError(f"--{name.replace('_', '-')} {getattr(self, name)} must be at least 1")
+        if not self.batches or min(self.batches) < 1:
+            raise CospadiError(f"--batches {self.batches} must be positive batch sizes, e.g. 1,8")
+
+    @property
+    def key(self) -> str:
+        """Names the cached folders: everything that changes what is saved."""
+        digest = hashlib.sha1(repr((self.model, self.data, self.options)).encode()).hexdigest()[:8]
+        return (f"{Path(self.model).name}-{Path(self.data).stem}-r{self.ratio:g}-{self.storage_dtype}"
+                f"-c{self.coef_bits or 'full'}-n{self.calib_samples}x{self.seq_len}-s{self.seed}-{digest}")
+
+
+def prepare_folders(bench: InferBench, work: Path, progress: bool) -> dict[str, Path]:
+    """Saved folders for "dense" and every method, made once under work/bench.key."""
+    root = work / bench.key
+    folders = {"dense": root / "dense", **{method: root / method for method in bench.methods}}
+    if not (folders["dense"] / "config.json").is_file():
+        model, tokenizer = load_model(bench.model)
+        to_storage(model, bench.storage_dtype)
+        with atomic_folder(folders["dense"]) as tmp:
+            model.save_pretrained(tmp)
+            tokenizer.save_pretrained(tmp)
+    missing = [m for m in bench.methods if not (folders[m] / "cospadi.json").is_file()]
+    if missing:
+        calib_texts, _ = load_corpus(bench.data)
+        for method in missing:
+            model, tokenizer = load_model(bench.model)
+            ids = api.calibration_ids(model, tokenizer, calib_texts, bench.calib_samples, bench.seq_len, bench.seed)
+            model, report = api.compress(model, tokenizer, input_ids=ids, method=method, ratio=bench.ratio,
+                                         progress=progress, **asdict(bench.options))
+            save(model, tokenizer, folders[method], report.to_dict(), dtype=bench.storage_dtype,
+                 coef_bits=bench.coef_bits)
+    return folders
+
+
+def folder_bytes(folder: Path, linears: list[str]) -> tuple[int, int]:
+    """(bytes of the tensors of the named linear layers, biases excluded, in the folder's
+    safetensors files; bytes of every file in the folder)."""
+    prefixes = tuple(f"{name}." for name in linears)
+    linear = 0
+    for path in weight_files(folder):
+        for key, entry in check_safetensors(path).items():
+            if key.startswith(prefixes) and not key.endswith(".bias"):
+                begin, end = entry["data_offsets"]
+                linear += end - begin
+    total = sum(p.stat().st_size for p in folder.rglob("*") if p.is_file())
+    return linear, total
+
+
+def run_worker(spec: dict) -> dict:
+    """infer_worker.measure(spec) in a fresh Python process."""
+    env = dict(os.environ, HF_HUB_OFFLINE=os.environ.get("HF_HUB_OFFLINE", "1"))
+    done = subprocess.run([sys.executable, "-m", "cospadi.infer_worker", json.dumps(spec)], capture_output=True,
+                          text=True, env=env)
+    if done.returncode != 0:
+        tail = done.stderr.strip().splitlines()[-1:] or ["no output"]
+        raise CospadiError(f"measuring {spec['folder']} failed: {tail[0]}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def held_out_tokens(bench: InferBench, dense: Path) -> list[int]:
+    """Enough held-out tokens for the largest prefill batch (and the prompt)."""
+    model = AutoModelForCausalLM.from_pretrained(dense)
+    tokenizer = AutoTokenizer.from_pretrained(dense)
+    _, eval_texts = load_corpus(bench.data)
+    windows = api.evaluation_ids(model, tokenizer, eval_texts, bench.prefill_len, max(bench.batches))
+    if windows.shape[0] < max(bench.batches):
+        raise CospadiError(f"the held-out text gives {windows.shape[0]} windows of {bench.prefill_len} tokens, "
+                           f"fewer than --batches {max(bench.batches)}: use more text or smaller batches")
+    return windows.reshape(-1).tolist()
+
+
+def measure_all(bench: InferBench, folders: dict[str, Path]) -> dict[str, dict]:
+    """label -> sizes and worker measurements, for every model (and the forced dense path)."""
+    linears = sorted(read_config(folders[bench.methods[0]])["quantization_config"]["modules"]) if bench.methods \
+        else []
+    tokens = held_out_tokens(bench, folders["dense"])
+    runs = [(label, folder, "auto") for label, folder in folders.items()]
+    if bench.dense_path_row and "cospadi" in folders:
+        runs.append(("cospadi (dense path only)", folders["cospadi"], "dense"))
+    results = {}
+    for label, folder, path in runs:
+        spec = {"folder": str(folder), "threads": bench.threads, "compute_dtype": bench.compute_dtype, "path": path,
+                "tokens": tokens, "prompt_len": bench.prompt_len, "new_tokens": bench.new_tokens,
+                "prefill_len": bench.prefill_len, "batches": list(bench.batches), "repeats": bench.repeats,
+                "profile": bench.profile and label == "cospadi"}
+        linear, total = folder_bytes(folder, linears)
+        results[label] = {"linear_bytes": linear, "folder_bytes": total, **run_worker(spec)}
+    return results
+
+
+def table_rows(bench: InferBench, results: dict[str, dict]) -> list[dict]:
+    """One row per model: sizes, speeds (medians) and memory, each with its ratio to dense."""
+    def speeds(r: dict) -> dict[str, float]:
+        out = {"decode": bench.new_tokens / statistics.median(r["decode_s"])}
+        for batch, times in r["prefill_s"].items():
+            out[f"prefill b{batch}"] = int(batch) * bench.prefill_len / statistics.median(times)
+        return out
+
+    dense, dense_speed = results["dense"], speeds(results["dense"])
+    rows = []
+    for label, r in results.items():
+        s = speeds(r)
+        row = {"model": label, "linear weights (MB)": round(r["linear_bytes"] / 1e6, 2),
+               "x dense": round(r["linear_bytes"] / dense["linear_bytes"], 3),
+               "folder (MB)": round(r["folder_bytes"] / 1e6, 1),
+               "decode (tok/s)": round(s["decode"], 2), "decode x dense": round(s["decode"] / dense_speed["decode"], 3)}
+        for batch in bench.batches:
+            name = f"prefill b{batch}"
+            row[f"{name} (tok/s)"] = round(s[name], 1)
+            row[f"{name} x dense"] = round(s[name] / dense_speed[name], 3)
+        row["peak RSS generating (MiB)"] = round(r["peak_rss_mib"])
+        rows.append(row)
+    return rows
+
+
+def verdicts(bench: InferBench, rows: list[dict]) -> list[str]:
+    """'met' / 'MISSED' lines for the issue's targets, for the cospadi row."""
+    row = next((r for r in rows if r["model"] == "cospadi"), None)
+    if row is None:
+        return []
+    lines = [f"- linear-weight bytes {row['x dense']:.3f} x dense (target <= {TARGETS['linear bytes']}): "
+             f"{'met' if row['x dense'] <= TARGETS['linear bytes'] else 'MISSED'}",
+             f"- decode {row['decode x dense']:.3f} x dense (target >= {TARGETS['decode']}): "
+             f"{'met' if row['decode x dense'] >= TARGETS['decode'] else 'MISSED'}"]
+    for batch in bench.batches:
+        ratio = row[f"prefill b{batch} x dense"]
+        lines.append(f"- prefill batch {batch}: {ratio:.3f} x dense (target >= {TARGETS['prefill']}): "
+                     f"{'met' if ratio >= TARGETS['prefill'] else 'MISSED'}")
+    return lines
+
+
+def describe(bench: InferBench, command: str, results: dict[str, dict]) -> str:
+    """The header saying what was measured and how to reproduce it."""
+    scope = next(iter(results.values()))["peak_rss_scope"]
+    return (f"Model `{bench.model}` at ratio {bench.ratio:g}; every model saved at {bench.storage_dtype}"
+            f"{f' with {bench.coef_bits}-bit values of S' if bench.coef_bits else ''} and run at "
+            f"{bench.compute_dtype} on {bench.threads} CPU threads, one fresh process per model. Linear weights = "
+            "the q/k/v/o/gate/up/down tensors in the safetensors files (bitmask included); folder = every file. "
+            f"Decode = greedy generation of {bench.new_tokens} new tokens after a {bench.prompt_len}-token prompt, "
+            f"batch 1 (tokens / wall time of the generate call); prefill = one {bench.prefill_len}-token forward "
+            f"pass without cache; speeds are medians of {bench.repeats} runs. Peak RSS is the process's resident "
+            f"high-water mark {scope} (model loaded). Held-out wiki tokens.\n\nReproduce: `{command}`\n")
+
+
+def run(bench: InferBench, work: Path, output: Path | None, command: str, progress: bool = True) -> list[dict]:
+    """Prepare, measure, write the section into `output` (None: don't); return the rows."""
+    bench.check()
+    folders = prepare_folders(bench, work, progress)
+    results = measure_all(bench, folders)
+    rows = table_rows(bench, results)
+    body = describe(bench, command, results) + "\n" + results_table(rows) + "\n\n" + "\n".join(verdicts(bench, rows))
+    profiles = [f"**{kind}** (cospadi, top operators by self CPU time)\n\n```\n{text.strip()}\n```"
+                for label, r in results.items() for kind, text in
+                (("decode", r.get("profile_decode")), ("prefill", r.get("profile_prefill"))) if text]
+    if profiles:
+        body += "\n\n" + "\n\n".join(profiles)
+    if output is not None:
+        write_section(output, f"infer-{bench.key}", body)
+    return rows
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    """The bench-infer command line options."""
+    d = InferBench()
+    p.add_argument("--model", default=d.model, help="built-in name, local folder or hub id")
+    p.add_argument("--data", default=d.data, help="'wiki' or a .txt / .jsonl file (calibration and prompts)")
+    p.add_argument("--ratio", type=float, default=d.ratio, help="compression ratio of both methods")
+    p.add_argument("--methods", default=",".join(d.methods), help=f"comma-separated, from {', '.join(METHODS)}")
+    p.add_argument("--storage-dtype", default=d.storage_dtype, help="dtype of every saved folder")
+    p.add_argument("--coef-bits", type=int, default=d.coef_bits, help="14: packed 14-bit values of S; 0: none")
+    p.add_argument("--compute-dtype", default=d.compute_dtype, help="dtype the models run at")
+    p.add_argument("--calib-samples", type=int, default=d.calib_samples, help="calibration windows")
+    p.add_argument("--seq-len", type=int, default=d.seq_len, help="tokens per calibration window")
+    p.add_argument("--seed", type=int, default=d.seed)
+    p.add_argument("--prompt-len", type=int, default=d.prompt_len, help="prompt tokens before decoding")
+    p.add_argument("--new-tokens", type=int, default=d.new_tokens, help="tokens generated per decode run")
+    p.add_argument("--prefill-len", type=int, default=d.prefill_len, help="tokens per prefill sequence")
+    p.add_argument("--batches", default=",".join(map(str, d.batches)), help="comma-separated prefill batch sizes")
+    p.add_argument("--repeats", type=int, default=d.repeats, help="timed runs per figure (the median is kept)")
+    p.add_argument("--threads", type=int, default=d.threads, help="torch CPU threads of the measured processes")
+    p.add_argument("--no-dense-path-row", action="store_true", help="skip the cospadi row with the dense path forced")
+    p.add_argument("--profile", action="store_true", help="add torch.profiler tables of cospadi decode and prefill")
+    p.add_argument("--work", default="runs/bench-infer", help="folder keeping the saved models between runs")
+    p.add_argument("--output", default="BENCHMARKS.md", help="Markdown file to write the table into")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+
+
+def from_args(args: argparse.Namespace) -> InferBench:
+    """The InferBench the parsed command line describes."""
+    try:
+        batches = tuple(int(b) for b in args.batches.split(","))
+    except ValueError:
+        raise CospadiError(f"--batches {args.batches!r} must be comma-separated integers, e.g. 1,8") from None
+    return InferBench(model=args.model, data=args.data, ratio=args.ratio, methods=tuple(args.methods.split(",")),
+                      storage_dtype=args.storage_dtype, coef_bits=args.coef_bits or None,
+                      compute_dtype=args.compute_dtype, calib_samples=args.calib_samples, seq_len=args.seq_len,
+                      seed=args.seed, prompt_len=args.prompt_len, new_tokens=args.new_tokens,
+                      prefill_len=args.prefill_len, batches=batches, repeats=args.repeats, threads=args.threads,
+                      dense_path_row=not args.no_dense_path_row, profile=args.profile)

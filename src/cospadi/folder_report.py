@@ -1,0 +1,75 @@
+"""REPORT.md of a saved folder: what was compressed, how, how big it is now, and how to
+load it, for a person reading the folder (the machine-readable report is cospadi.json)."""
+from __future__ import annotations
+
+from collections import defaultdict
+
+from torch import nn
+
+from .modules import DictLinear, LowRankLinear, compressed_modules
+
+
+def stored_linear_bytes(model: nn.Module) -> tuple[int, int]:
+    """(bytes the compressed linears' weights take as stored, bytes the same linears
+    would take as dense weights of the same dtype); biases excluded from both."""
+    stored = dense = 0
+    for _, module in compressed_modules(model):
+        tensors = dict(module.named_parameters(recurse=False)) | dict(module.named_buffers(recurse=False))
+        tensors.pop("bias", None)
+        stored += sum(t.numel() * t.element_size() for t in tensors.values())
+        floating = module.dictionary if isinstance(module, DictLinear) else module.left
+        dense += module.in_features * module.out_features * floating.element_size()
+    return stored, dense
+
+
+def _shape(module: nn.Module) -> str:
+    if isinstance(module, DictLinear):
+        return f"{module.in_features}x{module.out_features}, k={module.atoms}, s={module.sparsity}"
+    assert isinstance(module, LowRankLinear)
+    return f"{module.in_features}x{module.out_features}, r={module.rank}"
+
+
+def render_report(model: nn.Module, report: dict, coef_bits: int | None) -> str:
+    """The Markdown text of REPORT.md for a model about to be saved with `report` (the
+    CompressionReport dict, possibly empty)."""
+    stored, dense = stored_linear_bytes(model)
+    dtype = str(model.dtype).removeprefix("torch.")
+    lines = ["# cospadi compressed model", ""]
+    if report.get("method"):
+        options = ", ".join(f"{k}={v}" for k, v in (report.get("options") or {}).items())
+        lines.append(f"- method: `{report['method']}` at ratio {report.get('ratio')} ({options})")
+    calibration = report.get("calibration") or {}
+    if calibration:
+        lines.append(f"- calibration: {calibration.get('samples')} x {calibration.get('seq_len')} tokens")
+    values = f", values of S in {coef_bits} bits" if coef_bits else ""
+    lines.append(f"- storage: {dtype}{values}; S as a packed bitmask plus each column's values (no index lists)")
+    if dense:
+        lines.append(f"- compressed linear weights: {stored / 2**20:.1f} MiB stored vs {dense / 2**20:.1f} MiB dense "
+                     f"at {dtype} ({stored / dense:.3f} x dense)")
+    for key, label in (("linear_ratios", "over the compressed linears"), ("model_ratios", "over all parameters")):
+        ratios = report.get(key)
+        if ratios:
+            lines.append(f"- ratio {label}: effective (eq. 11) {ratios['effective']:.3f}, "
+                         f"storage with bitmask (eq. 10) {ratios['storage']:.3f}")
+    summary = report.get("summary") or {}
+    if summary.get("ppl") not in (None, "-"):
+        lines.append(f"- token perplexity: dense {summary.get('dense ppl')}, compressed {summary.get('ppl')} "
+                     "(held-out windows, see cospadi.json)")
+    lines += ["", "Load it with `cospadi.load(folder)`, or with plain transformers after `import cospadi`:", "",
+              "```python", "import cospadi", "from transformers import AutoModelForCausalLM",
+              "model = AutoModelForCausalLM.from_pretrained(folder)", "```", "",
+              "`cospadi export --dense FOLDER OUT` writes a plain checkpoint with W = D S multiplied out.", ""]
+    groups: dict[str, list] = defaultdict(list)
+    errors = {(m["layer"], m["name"]): m["output_error"] for m in report.get("matrices") or []}
+    for name, module in compressed_modules(model):
+        parts = name.split(".")
+        kind = ".".join(parts[-2:])
+        layer = next((int(p) for p in parts if p.isdigit()), None)
+        groups[kind].append((module, errors.get((layer, kind))))
+    lines += ["| matrix | count | shape | mean output error |", "|---|---|---|---|"]
+    for kind, items in groups.items():
+        shapes = sorted({_shape(m) for m, _ in items})
+        known = [e for _, e in items if e is not None]
+        error = f"{sum(known) / len(known):.4f}" if known else "-"
+        lines.append(f"| {kind} | {len(items)} | {'; '.join(shapes)} | {error} |")
+    return "\n".join(lines) + "\n"

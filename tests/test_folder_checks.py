@@ -1,0 +1,189 @@
+"""Damaged cospadi folders give one clear CospadiError (what is wrong, what to do) through
+`cospadi.load`, and through plain `AutoModelForCausalLM.from_pretrained` wherever the
+damage reaches cospadi's quantizer: a missing or garbled config.json, a folder that is
+not cospadi's, a format version from a newer (or older) cospadi, bad module entries, a
+missing shard, truncated or garbled safetensors, and a corrupt bitmask."""
+
+import json
+import shutil
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
+
+import cospadi
+from cospadi.errors import CospadiError
+from cospadi.hf_integration import replace_modules
+from cospadi.methods import SolverOptions
+from cospadi.pipeline import compress_blocks
+
+COMMON = dict(vocab_size=300, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+              num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=64)
+Q = "model.layers.0.self_attn.q_proj"
+
+
+@pytest.fixture(autouse=True, scope="module")
+def single_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def saved(tmp_path_factory):
+    """{"single": one-file folder, "sharded": several shards, "dense": a plain folder}."""
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(**COMMON, tie_word_embeddings=True)).eval()
+    root = tmp_path_factory.mktemp("saved")
+    model.save_pretrained(root / "dense")
+    ids = torch.randint(0, 300, (8, 24), generator=torch.Generator().manual_seed(1))
+    report = compress_blocks(model, ids, "cospadi", 0.3, SolverOptions(iters=1), batch_size=4, progress=False)
+    cospadi.save(model, None, root / "single", report.to_dict())
+    cospadi.save(model, None, root / "sharded", report.to_dict(), max_shard_size="60KB")
+    assert len(list((root / "sharded").glob("model-*.safetensors"))) >= 2
+    return {name: root / name for name in ("single", "sharded", "dense")}
+
+
+@pytest.fixture
+def copy(saved, tmp_path):
+    def make(name: str = "single"):
+        return shutil.copytree(saved[name], tmp_path / f"broken-{name}")
+    return make
+
+
+def edit_config(folder, change) -> None:
+    config = json.loads((folder / "config.json").read_text())
+    change(config)
+    (folder / "config.json").write_text(json.dumps(config))
+
+
+def both_routes(folder, pattern: str) -> None:
+    with pytest.raises(CospadiError, match=pattern):
+        cospadi.load(folder)
+    with pytest.raises(CospadiError, match=pattern):
+        AutoModelForCausalLM.from_pretrained(folder)
+
+
+def test_the_intact_folders_load(saved):
+    for name in ("single", "sharded"):
+        cospadi.load(saved[name])
+
+
+def test_missing_folder_and_config(copy, tmp_path):
+    with pytest.raises(CospadiError, match="does not exist"):
+        cospadi.load(tmp_path / "nowhere")
+    folder = copy()
+    (folder / "config.json").unlink()
+    with pytest.raises(CospadiError, match="no config.json"):
+        cospadi.load(folder)
+
+
+def test_garbled_config_json(copy):
+    folder = copy()
+    (folder / "config.json").write_text('{"model_type": "llama", "quantization_config": ')
+    with pytest.raises(CospadiError, match=r"config\.json is not valid JSON.*corrupt"):
+        cospadi.load(folder)
+
+
+def test_a_dense_folder_is_not_a_cospadi_folder(saved):
+    with pytest.raises(CospadiError, match="not a cospadi output folder"):
+        cospadi.load(saved["dense"])
+
+
+def test_newer_format_version_says_upgrade(copy):
+    folder = copy()
+    edit_config(folder, lambda c: c["quantization_config"].update(format_version=99))
+    both_routes(folder, r"format version 99, newer than this cospadi.*upgrade cospadi")
+
+
+def test_older_format_version_says_compress_again(copy):
+    folder = copy()
+    edit_config(folder, lambda c: c["quantization_config"].update(format_version=1))
+    both_routes(folder, r"format version 1.*compress the model again")
+
+
+def test_unknown_module_type_is_named(copy):
+    folder = copy()
+    edit_config(folder, lambda c: c["quantization_config"]["modules"][Q].update(type="quantized"))
+    both_routes(folder, rf"unknown module type 'quantized' for {Q}")
+
+
+def test_module_entry_that_does_not_fit_the_model(copy):
+    folder = copy()
+    edit_config(folder, lambda c: c["quantization_config"]["modules"][Q].update(in_features=63))
+    both_routes(folder, rf"{Q}\.dictionary has shape \[64, \d+\], config\.json implies \[63, \d+\].*corrupt")
+    folder = copy("sharded")
+    edit_config(folder, lambda c: c["quantization_config"]["modules"].update({"model.layers.9.mlp.up_proj": {
+        "type": "lowrank", "in_features": 64, "out_features": 128, "rank": 4}}))
+    both_routes(folder, r"model\.layers\.9\.mlp\.up_proj\.left is missing.*corrupt")
+    model = LlamaForCausalLM(LlamaConfig(**COMMON))
+    spec = {"type": "lowrank", "in_features": 64, "out_features": 128, "rank": 4}
+    with pytest.raises(CospadiError, match=r"lists compressed module model\.layers\.9\.mlp\.up_proj.*corrupt"):
+        replace_modules(model, {"model.layers.9.mlp.up_proj": spec}, torch.float32, None)
+    with pytest.raises(CospadiError, match=r"model\.layers\.0\.mlp\.down_proj is 64x128 but the model's layer "
+                                           r"is 128x64"):
+        replace_modules(model, {"model.layers.0.mlp.down_proj": spec}, torch.float32, None)
+
+
+def test_module_sizes_that_disagree_with_the_weights(copy):
+    folder = copy()
+    edit_config(folder, lambda c: c["quantization_config"]["modules"][Q].update(atoms=c["quantization_config"]
+                                                                                ["modules"][Q]["atoms"] + 1))
+    both_routes(folder, rf"do not match config\.json: {Q}\.dictionary has shape.*compress again")
+
+
+def test_module_missing_from_the_config(copy):
+    folder = copy()
+    edit_config(folder, lambda c: c["quantization_config"]["modules"].pop(Q))
+    with pytest.raises(CospadiError, match=rf"do not match config\.json.*{Q}"):
+        cospadi.load(folder)
+
+
+def test_missing_shard(copy):
+    folder = copy("sharded")
+    shard = sorted(folder.glob("model-*.safetensors"))[-1]
+    shard.unlink()
+    with pytest.raises(CospadiError, match=rf"missing weight shard {shard.name}.*copy the whole folder again"):
+        cospadi.load(folder)
+
+
+def test_no_weights_at_all(copy):
+    folder = copy()
+    (folder / "model.safetensors").unlink()
+    with pytest.raises(CospadiError, match=r"no model\.safetensors.*incomplete"):
+        cospadi.load(folder)
+
+
+@pytest.mark.parametrize("name", ["single", "sharded"])
+def test_truncated_weights(copy, name):
+    folder = copy(name)
+    weights = sorted(folder.glob("model*.safetensors"))[0]
+    data = weights.read_bytes()
+    weights.write_bytes(data[: len(data) - 100])
+    both_routes(folder, rf"{weights.name} is truncated.*corrupt")
+    weights.write_bytes(data[:5])
+    both_routes(folder, rf"{weights.name} is not a readable safetensors file")
+
+
+def test_garbled_header_and_index(copy):
+    folder = copy()
+    weights = folder / "model.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[8:20] = b"not json!!!!"
+    weights.write_bytes(bytes(data))
+    both_routes(folder, r"not a readable safetensors file \(damaged header\)")
+    folder = copy("sharded")
+    (folder / "model.safetensors.index.json").write_text("{}")
+    with pytest.raises(CospadiError, match="not a valid safetensors index"):
+        cospadi.load(folder)
+
+
+def test_corrupt_bitmask(copy):
+    folder = copy()
+    weights = folder / "model.safetensors"
+    tensors = load_file(weights)
+    tensors[f"{Q}.mask"][0] ^= 0xFF  # flips 8 pattern bits of column 0
+    save_file(tensors, weights, metadata={"format": "pt"})
+    both_routes(folder, r"bitmask of S has \d+ entries in column 0, expected \d+.*corrupt")
