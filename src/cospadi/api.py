@@ -12,6 +12,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from .budget import check_ratio
 from .data import calibration_windows, evaluation_windows, load_corpus, tokenize_corpus
 from .evaluate import perplexity
+from .groups import resolve_group_size
 from .methods import SolverOptions, check_method
 from .models import needs_bos
 from .pipeline import compress_blocks
@@ -45,20 +46,25 @@ def evaluation_ids(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, t
 def compress(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, texts: list[str] | None = None, *,
              input_ids: torch.Tensor | None = None, method: str = "cospadi", ratio: float = 0.3,
              calib_samples: int = DEFAULT_CALIB_SAMPLES, seq_len: int = DEFAULT_SEQ_LEN, batch_size: int = 8,
-             progress: bool = True, workers: int | None = None, **solver: object) -> tuple[PreTrainedModel, CompressionReport]:
+             progress: bool = True, workers: int | None = None, group_size: int | None = None,
+             **solver: object) -> tuple[PreTrainedModel, CompressionReport]:
     """Compress `model` in place: every q/k/v/o/gate/up/down linear of every block becomes
-    a DictLinear (method "cospadi") or LowRankLinear ("svd", "svd-llm") removing `ratio`
-    of its weights, calibrated on `calib_samples` windows of `seq_len` tokens of `texts`
-    (or on the given `input_ids` (N, L) windows). `solver` keywords are SolverOptions
-    fields (rho, solver, iters, power_iters, sweeps, init, seed). Returns the same model
-    object and a CompressionReport."""
+    a DictLinear (method "cospadi") or LowRankLinear ("svd", "svd-llm", "basis-sharing")
+    removing `ratio` of its weights, calibrated on `calib_samples` windows of `seq_len`
+    tokens of `texts` (or on the given `input_ids` (N, L) windows). `group_size` m:
+    consecutive blocks whose q/k/v/gate/up share one dictionary (cospadi) or basis
+    (basis-sharing) per kind, o/down staying per layer; None: the method's default (2 for
+    basis-sharing, else 1 = per layer). `solver` keywords are SolverOptions fields (rho,
+    solver, iters, power_iters, sweeps, init, seed). Returns the same model object and a
+    CompressionReport."""
     check_method(method)
     check_ratio(ratio)
+    group_size = resolve_group_size(method, group_size)
     options = SolverOptions(**solver)
     if input_ids is None:
         input_ids = calibration_ids(model, tokenizer, texts, calib_samples, seq_len, options.seed)
     report = compress_blocks(model, input_ids, method, ratio, options, batch_size=batch_size, progress=progress,
-                             workers=workers)
+                             workers=workers, group_size=group_size)
     return model, report
 
 

@@ -1,7 +1,8 @@
 """Compression budgets (METHOD.md "Budget") and the two ratio accountings.
 
 A linear `y = x W` with `W` of shape (d1, d2) keeps, at compression ratio `gamma`:
-  * low rank:   r with r (d1 + d2) = (1 - gamma) d1 d2
+  * low rank:   r with r (d1 + m d2) = (1 - gamma) m d1 d2, where m matrices share one
+    (d1, r) basis (Basis Sharing; m = 1 per layer: r (d1 + d2) = (1 - gamma) d1 d2)
   * dictionary: k = floor((1 - gamma) m d1 d2 / (d1 + m d2 / rho)), s = floor(k / rho),
     where m matrices of shape (d1, d2) share one dictionary (m = 1 per layer).
 Effective storage (eq. 11) counts numbers: d1 r + r d2, or d1 k + s d2.
@@ -18,15 +19,18 @@ from .errors import CospadiError
 
 @dataclass(frozen=True)
 class LowRankBudget:
-    """Rank r for one (d1, d2) matrix."""
+    """Rank r for `members` matrices of shape (d1, d2) sharing one (d1, r) basis, each
+    with its own (r, d2) coefficients (members = 1: one matrix, W ~ left @ right).
+    Figures count the whole set, the shared basis once."""
 
     d1: int
     d2: int
     rank: int
+    members: int = 1
 
     @property
     def effective_params(self) -> int:
-        return self.rank * (self.d1 + self.d2)
+        return self.rank * (self.d1 + self.members * self.d2)
 
     @property
     def storage_words(self) -> float:
@@ -36,7 +40,8 @@ class LowRankBudget:
 @dataclass(frozen=True)
 class DictBudget:
     """k atoms and s nonzeros per column for `members` matrices of shape (d1, d2)
-    sharing one (d1, k) dictionary (members = 1: one matrix, its own dictionary)."""
+    sharing one (d1, k) dictionary (members = 1: one matrix, its own dictionary).
+    Figures count the whole set, the shared dictionary once."""
 
     d1: int
     d2: int
@@ -65,12 +70,20 @@ def check_rho(rho: float) -> None:
         raise CospadiError(f"rho {rho!r} must be a positive number (atoms per nonzero, k / s); the paper's default is 2")
 
 
-def lowrank_budget(d1: int, d2: int, ratio: float) -> LowRankBudget:
-    """r = floor((1 - ratio) d1 d2 / (d1 + d2)), at least 1 (a 1e-9 slack keeps
-    1 - 0.3 = 0.69999... from flooring an exact integer one too low)."""
+def check_members(members: int) -> None:
+    """Raise CospadiError unless `members` (matrices sharing one factor) is an integer >= 1."""
+    if not (isinstance(members, int) and members >= 1):
+        raise CospadiError(f"{members!r} matrices cannot share a factor: give an integer >= 1")
+
+
+def lowrank_budget(d1: int, d2: int, ratio: float, members: int = 1) -> LowRankBudget:
+    """r = floor((1 - ratio) m d1 d2 / (d1 + m d2)), at least 1, for m = `members`
+    matrices sharing one basis (a 1e-9 slack keeps 1 - 0.3 = 0.69999... from flooring an
+    exact integer one too low)."""
     check_ratio(ratio)
-    rank = max(1, math.floor((1.0 - ratio) * d1 * d2 / (d1 + d2) + 1e-9))
-    return LowRankBudget(d1, d2, rank)
+    check_members(members)
+    rank = max(1, math.floor((1.0 - ratio) * members * d1 * d2 / (d1 + members * d2) + 1e-9))
+    return LowRankBudget(d1, d2, rank, members)
 
 
 def dict_budget(d1: int, d2: int, ratio: float, rho: float = 2.0, members: int = 1) -> DictBudget:
@@ -78,6 +91,7 @@ def dict_budget(d1: int, d2: int, ratio: float, rho: float = 2.0, members: int =
     Raises CospadiError when the budget leaves no atom or s would exceed k."""
     check_ratio(ratio)
     check_rho(rho)
+    check_members(members)
     if rho < 1:
         raise CospadiError(f"rho {rho} < 1 would need more nonzeros than atoms per column: use rho >= 1")
     atoms = math.floor((1.0 - ratio) * members * d1 * d2 / (d1 + members * d2 / rho) + 1e-9)

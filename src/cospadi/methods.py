@@ -1,5 +1,6 @@
-"""The compression methods by name: each maps a (d1, d2) weight to a budget, factors and
-a drop-in module. Model code calls only these four functions."""
+"""The compression methods by name: each maps a (d1, d2) weight, or a group of weights that
+share one left factor, to a budget, factors and drop-in modules. Model code calls only
+the functions here."""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -10,11 +11,11 @@ from torch import nn
 from .budget import DictBudget, LowRankBudget, check_rho, dict_budget, lowrank_budget
 from .errors import CospadiError
 from .modules import DictLinear, LowRankLinear
-from .solvers import cospadi, svd, svd_llm
+from .solvers import basis_sharing, cospadi, cospadi_grouped, svd, svd_llm
 from .solvers.dictionary import INITS, SOLVERS
 from .solvers.factors import LowRankFactors, SparseDictFactors
 
-METHODS = ("svd", "svd-llm", "cospadi")
+METHODS = ("svd", "svd-llm", "basis-sharing", "cospadi")
 Budget = LowRankBudget | DictBudget
 Factors = LowRankFactors | SparseDictFactors
 
@@ -60,12 +61,16 @@ def check_method(method: str) -> None:
         raise CospadiError(f"unknown method {method!r}; choose one of: {', '.join(METHODS)}")
 
 
-def budget_for(method: str, d1: int, d2: int, ratio: float, options: SolverOptions) -> Budget:
-    """The budget that removes `ratio` of a (d1, d2) matrix under `method` (METHOD.md)."""
+def budget_for(method: str, d1: int, d2: int, ratio: float, options: SolverOptions, members: int = 1) -> Budget:
+    """The budget that removes `ratio` of `members` (d1, d2) matrices sharing one left
+    factor under `method` (METHOD.md; members = 1: one matrix). Only basis-sharing and
+    cospadi share; basis-sharing with one member is svd-llm's budget."""
     check_method(method)
+    if members > 1 and method not in ("basis-sharing", "cospadi"):
+        raise CospadiError(f"method {method} does not share factors across layers")
     if method == "cospadi":
-        return dict_budget(d1, d2, ratio, options.rho)
-    return lowrank_budget(d1, d2, ratio)
+        return dict_budget(d1, d2, ratio, options.rho, members)
+    return lowrank_budget(d1, d2, ratio, members)
 
 
 def factorize(method: str, weight: torch.Tensor, gram: torch.Tensor, budget: Budget,
@@ -74,10 +79,30 @@ def factorize(method: str, weight: torch.Tensor, gram: torch.Tensor, budget: Bud
     check_method(method)
     if method == "svd":
         return svd(weight, gram, budget)
-    if method == "svd-llm":
+    if method in ("svd-llm", "basis-sharing"):  # a basis shared by one matrix is its svd-llm basis
         return svd_llm(weight, gram, budget)
-    return cospadi(weight, gram, budget, solver=options.solver, iters=options.iters, power_iters=options.power_iters,
-                   seed=options.seed, init=options.init, sweeps=options.sweeps)
+    return cospadi(weight, gram, budget, **_solver_kwargs(options))
+
+
+def _solver_kwargs(options: SolverOptions) -> dict:
+    return dict(solver=options.solver, iters=options.iters, power_iters=options.power_iters, seed=options.seed,
+                init=options.init, sweeps=options.sweeps)
+
+
+def factorize_group(method: str, weights: list[torch.Tensor], grams: list[torch.Tensor], budget: Budget,
+                    options: SolverOptions) -> list[Factors]:
+    """Factors of m weights W_l (d1, d2) under their Grams (d1, d1) sharing one left
+    factor within `budget` (budget_for(..., members=m)): one dictionary (cospadi) or
+    basis (basis-sharing) learned under the mean Gram, the same tensor object in every
+    returned factor. One weight: exactly factorize()."""
+    check_method(method)
+    if len(weights) == 1:
+        return [factorize(method, weights[0], grams[0], budget, options)]
+    if method == "cospadi":
+        return cospadi_grouped(weights, grams, budget, **_solver_kwargs(options))
+    if method == "basis-sharing":
+        return basis_sharing(weights, grams, budget)
+    raise CospadiError(f"method {method} does not share factors across layers")
 
 
 def build_module(factors: Factors, bias: torch.Tensor | None, dtype: torch.dtype) -> nn.Module:
@@ -85,3 +110,15 @@ def build_module(factors: Factors, bias: torch.Tensor | None, dtype: torch.dtype
     if isinstance(factors, LowRankFactors):
         return LowRankLinear.from_factors(factors, bias, dtype)
     return DictLinear.from_factors(factors, bias, dtype)
+
+
+def build_shared_modules(factors: list[Factors], biases: list[torch.Tensor | None],
+                         dtype: torch.dtype) -> list[nn.Module]:
+    """One drop-in module per member (as build_module), all holding the SAME nn.Parameter
+    as their shared factor (`dictionary` of DictLinear, `left` of LowRankLinear): one
+    tensor in memory, counted once by model.parameters()."""
+    modules = [build_module(f, b, dtype) for f, b in zip(factors, biases)]
+    name = "dictionary" if isinstance(modules[0], DictLinear) else "left"
+    for module in modules[1:]:
+        setattr(module, name, getattr(modules[0], name))
+    return modules

@@ -5,12 +5,16 @@ transformers passes to each block (masks, rotary embeddings, cache flags). Then,
 block in turn: run it dense to accumulate a float64 Gram X^T X per distinct linear input,
 factorize its target linears, swap the compressed modules in, and run the compressed
 block to produce the next block's inputs, so errors propagate as in the paper. Only one
-block's activations and Grams are alive at a time."""
+block's activations and Grams are alive at a time.
+
+Per-group mode (group_size m > 1) does the same a group of m consecutive blocks at a time,
+their q/k/v/gate/up sharing one factor per kind (see compress_blocks)."""
 from __future__ import annotations
 
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor, as_completed
+from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -19,7 +23,9 @@ from transformers import PreTrainedModel
 
 from .adapters import Adapter, adapter_for, decoder_layers
 from .errors import CospadiError
-from .methods import SolverOptions, budget_for, build_module, check_method, factorize
+from .groups import block_groups, check_group_size, is_shared
+from .methods import (SolverOptions, budget_for, build_module, build_shared_modules, check_method,
+                      factorize_group)
 from .report import CompressionReport, MatrixReport, peak_rss_mb
 from .solvers import output_error
 
@@ -87,6 +93,14 @@ def accumulate_grams(layer: nn.Module, adapter: Adapter, states: list[torch.Tens
     """One Gram X^T X (d1, d1) per input group of the adapter, over every calibration
     token entering the block: each batch's product is formed in float32 and summed in
     float64 across batches."""
+    return calibrate_block(layer, adapter, states, kwargs)[0]
+
+
+@torch.no_grad()
+def calibrate_block(layer: nn.Module, adapter: Adapter, states: list[torch.Tensor], kwargs: BlockKwargs,
+                    keep_outputs: bool = False) -> tuple[dict[tuple[str, ...], torch.Tensor], list[torch.Tensor] | None]:
+    """accumulate_grams' Grams and, with `keep_outputs`, the block's outputs of the same
+    run (one (B, L, H) tensor per batch of `states`; None otherwise)."""
     grams: dict[tuple[str, ...], torch.Tensor] = {}
 
     def hook_for(group: tuple[str, ...]) -> Callable:
@@ -98,11 +112,11 @@ def accumulate_grams(layer: nn.Module, adapter: Adapter, states: list[torch.Tens
 
     handles = [layer.get_submodule(group[0]).register_forward_pre_hook(hook_for(group)) for group in adapter.groups]
     try:
-        run_block(layer, states, kwargs)
+        outputs = run_block(layer, states, kwargs)
     finally:
         for handle in handles:
             handle.remove()
-    return grams
+    return grams, outputs if keep_outputs else None
 
 
 def unique_param_count(model: nn.Module) -> int:
@@ -120,79 +134,148 @@ def check_weights(model: PreTrainedModel, adapter: Adapter, layers: nn.ModuleLis
                                    "loaded in too low a precision; reload it in float32")
 
 
+@dataclass
+class _Job:
+    """Linears solved together: one (per layer), or the same projection of every block of a
+    group sharing one left factor. members[j] = (block index, linear name)."""
+
+    members: list[tuple[int, str]]
+    linears: list[nn.Linear]
+    grams: list[torch.Tensor]
+
+    @property
+    def shared(self) -> str | None:
+        """A name for the shared factor, e.g. "blocks 0-1 self_attn.q_proj"; None alone."""
+        if len(self.members) == 1:
+            return None
+        return f"blocks {self.members[0][0]}-{self.members[-1][0]} {self.members[0][1]}"
+
+    @property
+    def size(self) -> int:
+        return sum(linear.weight.numel() for linear in self.linears)
+
+
 def compress_blocks(model: PreTrainedModel, input_ids: torch.Tensor, method: str, ratio: float,
                     options: SolverOptions = SolverOptions(), batch_size: int = 8, progress: bool = True,
-                    workers: int | None = None) -> CompressionReport:
+                    workers: int | None = None, group_size: int = 1) -> CompressionReport:
     """Compress every target linear of every block of `model` in place with `method` at
-    `ratio`, calibrated on `input_ids` (N, L). The matrices of a block are solved by
-    `workers` threads at once (default: torch's thread count), each single-threaded:
-    the solvers' many small batched operations use cores better side by side than split.
-    Returns the report; the target linears become LowRankLinear or DictLinear modules."""
+    `ratio`, calibrated on `input_ids` (N, L). With group_size m > 1 (basis-sharing,
+    cospadi), consecutive blocks form groups (groups.block_groups: a shorter last group
+    when m does not divide the block count) whose q/k/v/gate/up share one factor per kind;
+    o and down stay per layer. The jobs of a block (or group) are solved by `workers`
+    threads at once (default: torch's thread count), each single-threaded: the solvers'
+    many small batched operations use cores better side by side than split.
+    Returns the report; the target linears become LowRankLinear or DictLinear modules
+    (members of a shared job hold the same factor Parameter)."""
     check_method(method)
+    check_group_size(group_size, method)
     adapter = adapter_for(model)
     layers = decoder_layers(model)
     check_weights(model, adapter, layers)
     workers = max(1, workers or torch.get_num_threads())
     start = time.perf_counter()
     report = CompressionReport(method, ratio, dict(vars(options)), unique_param_count(model),
-                               calibration={"samples": int(input_ids.shape[0]), "seq_len": int(input_ids.shape[1])})
+                               calibration={"samples": int(input_ids.shape[0]), "seq_len": int(input_ids.shape[1])},
+                               group_size=group_size)
     states, block_kwargs = capture_block_inputs(model, layers, input_ids, batch_size)
     bar = tqdm(total=len(layers) * len(adapter.targets), desc=f"{method} @ {ratio}", unit="matrix",
                disable=not progress)
-    for i, layer in enumerate(layers):
-        bar.set_postfix_str(f"block {i + 1}/{len(layers)}: calibrating")
-        grams = accumulate_grams(layer, adapter, states, block_kwargs[i])
-        bar.set_postfix_str(f"block {i + 1}/{len(layers)}: solving")
-        jobs = {name: (layer.get_submodule(name), grams[group]) for group in adapter.groups for name in group}
-        solved = _solve_all(jobs, method, ratio, options, workers, lambda: bar.update(1))
-        for name, (linear, gram) in jobs.items():  # swap in the adapter's order, deterministically
-            module, matrix = solved[name]
-            layer.set_submodule(name, module)
-            report.matrices.append(MatrixReport(layer=i, name=name, **matrix))
-        del grams, jobs, solved
-        states = run_block(layer, states, block_kwargs[i])
+    for blocks in block_groups(len(layers), group_size):
+        where = f"block {blocks[0] + 1}/{len(layers)}" if len(blocks) == 1 else \
+            f"blocks {blocks[0] + 1}-{blocks[-1] + 1}/{len(layers)}"
+        # A shared factor needs the Grams of every block of its group, so no block of a group
+        # can be compressed before the group's last block is calibrated. The blocks of a group
+        # are therefore calibrated in turn, each on the DENSE outputs of its predecessor in the
+        # group, all fed by the already-compressed previous groups; then the whole group is
+        # solved, swapped, and run compressed to give the next group its inputs. Errors thus
+        # propagate between groups as between blocks in per-layer mode (m = 1 is exactly the
+        # per-layer pipeline). Compressing each block's private o/down before calibrating the
+        # next would let those errors reach the rest of the group too, but would mix compressed
+        # and dense linears inside a block and cost an extra pass per block: not done.
+        # Memory: the group's Grams (m blocks) and one block's activations at a time.
+        bar.set_postfix_str(f"{where}: calibrating")
+        grams: dict[int, dict[tuple[str, ...], torch.Tensor]] = {}
+        inputs = states
+        for position, i in enumerate(blocks):
+            last = position == len(blocks) - 1
+            grams[i], inputs = calibrate_block(layers[i], adapter, inputs, block_kwargs[i], keep_outputs=not last)
+        jobs = _jobs(layers, blocks, adapter, grams)
+        bar.set_postfix_str(f"{where}: solving")
+        solved = _solve_all(jobs, method, ratio, options, workers, bar.update)
+        for job in jobs:  # swap in the adapter's order, deterministically
+            for (i, name), (module, matrix) in zip(job.members, solved[id(job)]):
+                layers[i].set_submodule(name, module)
+                report.matrices.append(MatrixReport(layer=i, name=name, **matrix))
+        del grams, jobs, solved, inputs
+        for i in blocks:
+            states = run_block(layers[i], states, block_kwargs[i])
     bar.close()
+    report.matrices.sort(key=lambda m: (m.layer, adapter.targets.index(m.name)))
     report.seconds = time.perf_counter() - start
     report.peak_rss_mb = peak_rss_mb()
     return report
 
 
-def _solve_all(jobs: dict[str, tuple[nn.Linear, torch.Tensor]], method: str, ratio: float, options: SolverOptions,
-               workers: int, on_done: Callable[[], None]) -> dict[str, tuple[nn.Module, dict]]:
-    """Solve every (linear, Gram) job, largest first, on `workers` threads with torch
-    set to one thread each meanwhile; name -> (compressed module, report fields)."""
-    order = sorted(jobs, key=lambda n: jobs[n][0].weight.numel(), reverse=True)
+def _jobs(layers: nn.ModuleList, blocks: list[int], adapter: Adapter,
+          grams: dict[int, dict[tuple[str, ...], torch.Tensor]]) -> list[_Job]:
+    """The solve jobs of a group of blocks, in the adapter's order: one job per shared
+    projection kind over all the blocks (when there are several), one per private linear."""
+    jobs = []
+    for group in adapter.groups:
+        for name in group:
+            together = [blocks] if len(blocks) > 1 and is_shared(name) else [[i] for i in blocks]
+            for members in together:
+                jobs.append(_Job([(i, name) for i in members], [layers[i].get_submodule(name) for i in members],
+                                 [grams[i][group] for i in members]))
+    return jobs
+
+
+def _solve_all(jobs: list[_Job], method: str, ratio: float, options: SolverOptions, workers: int,
+               on_done: Callable[[int], object]) -> dict[int, list[tuple[nn.Module, dict]]]:
+    """Solve every job, largest first, on `workers` threads with torch set to one thread
+    each meanwhile; id(job) -> [(compressed module, report fields)] per member.
+    on_done(count) is called with the number of matrices of each finished job."""
+    order = sorted(jobs, key=lambda job: job.size, reverse=True)
     if workers == 1:
         out = {}
-        for name in order:
-            out[name] = _solve_linear(*jobs[name], method, ratio, options)
-            on_done()
+        for job in order:
+            out[id(job)] = _solve_job(job, method, ratio, options)
+            on_done(len(job.members))
         return out
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
         with ThreadPoolExecutor(max_workers=workers) as pool:
-            futures = {pool.submit(_solve_linear, *jobs[name], method, ratio, options): name for name in order}
+            futures = {pool.submit(_solve_job, job, method, ratio, options): job for job in order}
             out = {}
             for future in as_completed(futures):
-                out[futures[future]] = future.result()
-                on_done()
+                job = futures[future]
+                out[id(job)] = future.result()
+                on_done(len(job.members))
         return out
     finally:
         torch.set_num_threads(threads)
 
 
-def _solve_linear(linear: nn.Linear, gram: torch.Tensor, method: str, ratio: float,
-                  options: SolverOptions) -> tuple[nn.Module, dict]:
-    """Factorize one linear: (its compressed replacement, MatrixReport fields but layer/name)."""
-    weight = linear.weight.detach().T  # (d1, d2) = (in, out)
-    d1, d2 = weight.shape
-    budget = budget_for(method, d1, d2, ratio, options)
+def _solve_job(job: _Job, method: str, ratio: float, options: SolverOptions) -> list[tuple[nn.Module, dict]]:
+    """Factorize a job's m linears (one shared left factor when m > 1): per member, its
+    compressed replacement and MatrixReport fields but layer/name. A shared factor's
+    storage and solve time are split evenly over the members, so sums over the report
+    count it once."""
+    weights = [linear.weight.detach().T for linear in job.linears]  # (d1, d2) = (in, out)
+    d1, d2 = weights[0].shape
+    m = len(weights)
+    budget = budget_for(method, d1, d2, ratio, options, members=m)
     start = time.perf_counter()
-    factors = factorize(method, weight, gram, budget, options)
+    factors = factorize_group(method, weights, job.grams, budget, options)
     seconds = time.perf_counter() - start
-    module = build_module(factors, linear.bias, linear.weight.dtype)
-    return module, dict(d1=d1, d2=d2, effective_params=budget.effective_params, storage_words=budget.storage_words,
-                        output_error=output_error(gram, weight, factors.weight()), seconds=seconds,
-                        rank=getattr(budget, "rank", None), atoms=getattr(budget, "atoms", None),
-                        sparsity=getattr(budget, "sparsity", None))
+    biases = [linear.bias for linear in job.linears]
+    dtype = job.linears[0].weight.dtype
+    modules = build_shared_modules(factors, biases, dtype) if m > 1 else [build_module(factors[0], biases[0], dtype)]
+    share = (lambda x: x) if m == 1 else (lambda x: x / m)
+    return [(module, dict(d1=d1, d2=d2, effective_params=share(budget.effective_params),
+                          storage_words=share(budget.storage_words),
+                          output_error=output_error(gram, weight, factor.weight()), seconds=share(seconds),
+                          rank=getattr(budget, "rank", None), atoms=getattr(budget, "atoms", None),
+                          sparsity=getattr(budget, "sparsity", None), members=m, shared=job.shared))
+            for module, gram, weight, factor in zip(modules, job.grams, weights, factors)]

@@ -16,19 +16,24 @@ def peak_rss_mb() -> float:
 @dataclass
 class MatrixReport:
     """One compressed linear: `rank` for low rank, `atoms`/`sparsity` for dictionaries;
-    output_error = ||X (W - W')||_F / ||X W||_F on the calibration inputs."""
+    output_error = ||X (W - W')||_F / ||X W||_F on the calibration inputs. A linear that
+    shares its left factor with `members` - 1 others (`shared` names the factor) carries
+    1/members of the shared factor's storage and solve time besides its own coefficients,
+    so sums over matrices count every shared factor once."""
 
     layer: int
     name: str
     d1: int
     d2: int
-    effective_params: int
+    effective_params: float
     storage_words: float
     output_error: float
     seconds: float
     rank: int | None = None
     atoms: int | None = None
     sparsity: int | None = None
+    members: int = 1
+    shared: str | None = None
 
     @property
     def ratios(self) -> dict[str, float]:
@@ -38,7 +43,8 @@ class MatrixReport:
 @dataclass
 class CompressionReport:
     """A whole run. dense_params counts every unique parameter of the dense model;
-    the compressed model keeps all of them except the compressed linears' weights."""
+    the compressed model keeps all of them except the compressed linears' weights.
+    group_size: consecutive blocks sharing q/k/v/gate/up factors (1: per layer)."""
 
     method: str
     ratio: float
@@ -48,6 +54,7 @@ class CompressionReport:
     seconds: float = 0.0
     peak_rss_mb: float = 0.0
     calibration: dict = field(default_factory=dict)
+    group_size: int = 1
 
     @property
     def linear_params(self) -> int:
@@ -68,7 +75,8 @@ class CompressionReport:
 
     @property
     def compressed_params(self) -> int:
-        return self.dense_params - self.linear_params + sum(m.effective_params for m in self.matrices)
+        """Parameters the compressed model stores (eq. 11 counting, shared factors once)."""
+        return round(self.dense_params - self.linear_params + sum(m.effective_params for m in self.matrices))
 
     def to_dict(self) -> dict:
         """A JSON-ready dict with the derived ratios included."""
