@@ -266,3 +266,22 @@ def test_the_first_group_is_calibrated_on_the_dense_model():
 def test_svd_with_a_group_size_is_refused():
     with pytest.raises(CospadiError, match="group"):
         compress_blocks(tiny_llama(2), IDS, "svd", RATIO, progress=False, group_size=2)
+
+
+def test_an_overcomplete_shared_dictionary_runs_with_the_default_solver():
+    """Shared budgets can exceed d1 atoms (SmolLM2's gate/up in pairs below ratio 0.35):
+    the default orthogonal start then needs one Batch-OMP pass; the orthogonal solver
+    cannot hold more than d1 atoms and says so."""
+    from cospadi.methods import budget_for, factorize_group
+
+    gen = torch.Generator().manual_seed(11)
+    weights = [torch.randn(16, 40, generator=gen, dtype=torch.float64) for _ in range(2)]
+    grams = [random_gram(16, 40), random_gram(16, 41)]
+    budget = budget_for("cospadi", 16, 40, 0.2, SolverOptions(), members=2)
+    assert budget.atoms > 16  # floor(0.8 * 2 * 16 * 40 / (16 + 40)) = 18
+    factors = factorize_group("cospadi", weights, grams, budget, SolverOptions())
+    assert factors[0].dictionary.shape == (16, budget.atoms) and factors[0].dictionary is factors[1].dictionary
+    for f, w, g in zip(factors, weights, grams):
+        assert 0 < output_error(g, w, f.weight()) < 0.3
+    with pytest.raises(CospadiError, match="overcomplete"):
+        factorize_group("cospadi", weights, grams, budget, SolverOptions(solver="orthogonal"))

@@ -1,7 +1,9 @@
 """`cospadi bench`: a methods x ratios sweep on one model with the same calibration and
-evaluation windows for every cell. Each finished cell is cached as JSON under the run
-folder, so an interrupted sweep resumes where it stopped; the table goes into
-BENCHMARKS.md between markers that name the sweep."""
+evaluation text for every cell. Per cell: token perplexity, lm-eval's word perplexity on
+held-out documents and last-word accuracy (the local lm-eval tasks, lm_eval_tasks.py),
+compression wall time and both ratio accountings. Each finished cell is cached as JSON
+under the run folder, so an interrupted sweep resumes where it stopped; the table goes
+into BENCHMARKS.md between markers that name the sweep, next to a PNG plot."""
 from __future__ import annotations
 
 import hashlib
@@ -17,9 +19,25 @@ from . import api
 from .budget import check_ratio
 from .data import load_corpus
 from .evaluate import perplexity
-from .methods import METHODS, SolverOptions, check_method
+from .errors import CospadiError
+from .groups import check_group_size
+from .lm_eval_tasks import LASTWORD, WORDPPL
 from .models import load_model
+from .methods import SolverOptions
 from .report import results_table
+
+# bench label -> (method, shares across a group of blocks)
+BENCH_METHODS: dict[str, tuple[str, bool]] = {
+    "svd": ("svd", False), "svd-llm": ("svd-llm", False), "basis-sharing": ("basis-sharing", True),
+    "cospadi": ("cospadi", False), "cospadi-group": ("cospadi", True)}
+DEFAULT_LASTWORD_EXAMPLES = 300
+DEFAULT_WORDPPL_DOCS = 100
+
+
+def check_label(label: str) -> None:
+    """CospadiError unless `label` is one of BENCH_METHODS."""
+    if label not in BENCH_METHODS:
+        raise CospadiError(f"unknown method {label!r} for bench; choose from: {', '.join(BENCH_METHODS)}")
 
 
 @dataclass(frozen=True)
@@ -28,12 +46,15 @@ class Sweep:
 
     model: str = "smollm2-135m"
     data: str = "wiki"
-    methods: tuple[str, ...] = METHODS
+    methods: tuple[str, ...] = tuple(BENCH_METHODS)
     ratios: tuple[float, ...] = (0.2, 0.3, 0.4, 0.5)
     calib_samples: int = api.DEFAULT_CALIB_SAMPLES
     seq_len: int = api.DEFAULT_SEQ_LEN
     eval_windows: int = api.DEFAULT_EVAL_WINDOWS
     options: SolverOptions = SolverOptions()
+    group_size: int = 2  # blocks per group for basis-sharing and cospadi-group
+    lastword_examples: int = DEFAULT_LASTWORD_EXAMPLES  # 0: no last-word accuracy
+    wordppl_docs: int = DEFAULT_WORDPPL_DOCS  # 0: no word perplexity
 
     @property
     def key(self) -> str:
@@ -43,7 +64,32 @@ class Sweep:
         digest = hashlib.sha1(f"{Path(self.model).resolve() if Path(self.model).exists() else self.model}|"
                               f"{Path(self.data).resolve() if Path(self.data).exists() else self.data}".encode())
         return (f"{Path(self.model).name}-{Path(self.data).stem}-{digest.hexdigest()[:8]}-c{self.calib_samples}x{self.seq_len}-e{self.eval_windows}"
+                f"-lw{self.lastword_examples}-wd{self.wordppl_docs}"
                 f"-rho{o.rho:g}-{o.solver}-{o.init}-it{o.iters}-sw{o.sweeps}-p{o.power_iters}-s{o.seed}")
+
+    def cell_name(self, label: str, ratio: float) -> str:
+        """The cache file of one cell; grouped methods carry their group size."""
+        grouped = BENCH_METHODS[label][1]
+        return f"{label}{f'-g{self.group_size}' if grouped else ''}-{ratio:g}.json"
+
+    def tasks(self) -> list[str]:
+        """The local lm-eval tasks every cell runs."""
+        return [t for t, n in ((LASTWORD, self.lastword_examples), (WORDPPL, self.wordppl_docs)) if n > 0]
+
+    def check(self) -> None:
+        """CospadiError on any bad setting, before anything runs."""
+        for label in self.methods:
+            check_label(label)
+        for ratio in self.ratios:
+            check_ratio(ratio)
+        check_group_size(self.group_size, "cospadi")
+        for name in ("lastword_examples", "wordppl_docs"):
+            if getattr(self, name) < 0:
+                raise CospadiError(f"--{name.replace('_', '-')} {getattr(self, name)} must be 0 (skip) or more")
+        if self.tasks():
+            from .evaluate_lm_eval import require_lm_eval
+
+            require_lm_eval()  # fails now, with the pip command, when lm-eval is missing
 
 
 def _write_json(path: Path, data: dict) -> None:
@@ -55,10 +101,7 @@ def _write_json(path: Path, data: dict) -> None:
 def run_sweep(sweep: Sweep, cache: Path, progress: bool = True) -> list[dict]:
     """Run (or read from `cache`) the dense cell and every method x ratio cell; return
     the rows in sweep order. A cell is written only once it has finished."""
-    for method in sweep.methods:
-        check_method(method)
-    for ratio in sweep.ratios:
-        check_ratio(ratio)
+    sweep.check()
     calib_texts, eval_texts = load_corpus(sweep.data)
     model, tokenizer = load_model(sweep.model)
     folder = cache / sweep.key
@@ -67,35 +110,72 @@ def run_sweep(sweep: Sweep, cache: Path, progress: bool = True) -> list[dict]:
     windows = api.evaluation_ids(model, tokenizer, eval_texts, sweep.seq_len, sweep.eval_windows)
     dense_path = folder / "dense.json"
     if not dense_path.exists():
-        _write_json(dense_path, {"method": "dense", "ratio": 0.0, "token_ppl": perplexity(model, windows, progress=progress)})
+        _write_json(dense_path, {"method": "dense", "ratio": 0.0,
+                                 **evaluate_cell(model, tokenizer, windows, eval_texts, sweep, progress)})
     rows = [json.loads(dense_path.read_text())]
     for ratio in sweep.ratios:
-        for method in sweep.methods:
-            path = folder / f"{method}-{ratio:g}.json"
+        for label in sweep.methods:
+            path = folder / sweep.cell_name(label, ratio)
             if not path.exists():
+                method, grouped = BENCH_METHODS[label]
                 model, _ = load_model(sweep.model)  # fresh dense weights for every cell
                 start = time.perf_counter()
                 _, report = api.compress(model, tokenizer, input_ids=ids, method=method, ratio=ratio,
-                                         progress=progress, **asdict(sweep.options))
+                                         progress=progress, group_size=sweep.group_size if grouped else 1,
+                                         **asdict(sweep.options))
                 seconds = time.perf_counter() - start
-                _write_json(path, {"method": method, "ratio": ratio, "token_ppl": perplexity(model, windows, progress=progress),
+                _write_json(path, {"method": label, "ratio": ratio, "group_size": report.group_size,
+                                   **evaluate_cell(model, tokenizer, windows, eval_texts, sweep, progress),
                                    "seconds": seconds, "linear_ratios": report.linear_ratios,
-                                   "model_ratios": report.model_ratios, "peak_rss_mb": report.peak_rss_mb})
+                                   "model_ratios": report.model_ratios, "params": report.compressed_params,
+                                   "peak_rss_mb": report.peak_rss_mb})
             rows.append(json.loads(path.read_text()))
     return rows
 
 
-def table_rows(rows: list[dict]) -> list[dict]:
-    """Rows for results_table: one per cell, dense first."""
-    dense = rows[0]["token_ppl"]
-    out = [{"method": "dense", "ratio": "0", "eff. ratio": "-", "storage ratio": "-", "token ppl": dense,
-            "x dense": 1.0, "time (s)": "-"}]
-    for r in rows[1:]:
-        out.append({"method": r["method"], "ratio": f"{r['ratio']:g}",
-                    "eff. ratio": f"{r['linear_ratios']['effective']:.3f}",
-                    "storage ratio": f"{r['linear_ratios']['storage']:.3f}", "token ppl": r["token_ppl"],
-                    "x dense": r["token_ppl"] / dense, "time (s)": round(r["seconds"])})
+def evaluate_cell(model, tokenizer, windows: torch.Tensor, eval_texts: list[str], sweep: Sweep,
+                  progress: bool) -> dict:
+    """Token perplexity on `windows` and, through lm-eval, word perplexity and last-word
+    accuracy on the held-out documents `eval_texts`, as the sweep asks."""
+    out = {"token_ppl": perplexity(model, windows, progress=progress)}
+    if sweep.tasks():
+        from .evaluate_lm_eval import evaluate_tasks
+
+        results = evaluate_tasks(model, tokenizer, sweep.tasks(), eval_texts, lastword_examples=sweep.lastword_examples,
+                                 wordppl_docs=sweep.wordppl_docs, quiet=not progress)
+        if LASTWORD in results:
+            r = results[LASTWORD]
+            out.update(lastword_acc=r["acc"], lastword_stderr=r.get("acc stderr"), lastword_n=r.get("n"),
+                       lastword_target_ppl=r.get("target ppl"))
+        if WORDPPL in results:
+            out.update(word_ppl=results[WORDPPL]["word ppl"], wordppl_docs=results[WORDPPL].get("n"))
     return out
+
+
+def table_rows(rows: list[dict]) -> list[dict]:
+    """Rows for results_table: one per cell, dense first. Ratios over the compressed
+    linears and over the whole model (embeddings included), eq. 11 / eq. 10."""
+    dense = rows[0]["token_ppl"]
+    out = []
+    for r in rows:
+        lin, mod = r.get("linear_ratios"), r.get("model_ratios")
+        out.append({"method": r["method"], "ratio": f"{r['ratio']:g}",
+                    "eff. ratio": f"{lin['effective']:.3f}" if lin else "-",
+                    "storage ratio": f"{lin['storage']:.3f}" if lin else "-",
+                    "model eff. / storage": f"{mod['effective']:.3f} / {mod['storage']:.3f}" if mod else "-",
+                    "token ppl": r["token_ppl"], "x dense": r["token_ppl"] / dense,
+                    "word ppl": r.get("word_ppl", "-"),
+                    "last-word acc": _accuracy(r),
+                    "time (s)": round(r["seconds"]) if "seconds" in r else "-"})
+    return out
+
+
+def _accuracy(row: dict) -> str:
+    """'0.620 ± 0.049' (binomial standard error), '0.620' without one, '-' when not measured."""
+    if row.get("lastword_acc") is None:
+        return "-"
+    stderr = row.get("lastword_stderr")
+    return f"{row['lastword_acc']:.3f}" + (f" ± {stderr:.3f}" if stderr is not None else "")
 
 
 def write_section(path: Path, name: str, body: str) -> None:
@@ -112,12 +192,25 @@ def write_section(path: Path, name: str, body: str) -> None:
     os.replace(tmp, path)
 
 
-def describe(sweep: Sweep, command: str) -> str:
+def describe(sweep: Sweep, command: str, rows: list[dict] | None = None) -> str:
     """The header that says exactly what a sweep measured and how to reproduce it."""
     o = sweep.options
+    dense = (rows or [{}])[0]
+    evals = []
+    if sweep.wordppl_docs:
+        evals.append(f"word perplexity (lm-eval `{WORDPPL}`, rolling log-likelihood) on the first "
+                     f"{dense.get('wordppl_docs', sweep.wordppl_docs)} held-out documents")
+    if sweep.lastword_examples:
+        evals.append(f"last-word accuracy ± binomial standard error (lm-eval `{LASTWORD}`, LAMBADA-style, "
+                     f"{dense.get('lastword_n', sweep.lastword_examples)} passages from held-out documents)")
+    grouped = [m for m in sweep.methods if BENCH_METHODS[m][1]]
+    sharing = (f"; {', '.join(grouped)} share q/k/v/gate/up across groups of {sweep.group_size} consecutive "
+               "blocks (o/down per layer)") if grouped else ""
+    measured = "; ".join([f"token perplexity on {sweep.eval_windows} x {sweep.seq_len} held-out tokens"] + evals)
     return (f"Model `{sweep.model}`; calibration {sweep.calib_samples} x {sweep.seq_len} tokens ({sweep.data}, "
-            f"seed {o.seed}); "
-            f"token perplexity on {sweep.eval_windows} x {sweep.seq_len} held-out tokens; cospadi rho={o.rho:g}, "
-            f"solver={o.solver}, init={o.init}, iters={o.iters}, sweeps={o.sweeps}, power_iters={o.power_iters}. Ratios are over the compressed linears "
-            f"(eff. = eq. 11, storage = eq. 10 with the bitmask). {torch.get_num_threads()} CPU threads.\n\n"
+            f"seed {o.seed}); {measured}. cospadi rho={o.rho:g}, solver={o.solver}, init={o.init}, "
+            f"iters={o.iters}, sweeps={o.sweeps}, power_iters={o.power_iters}{sharing}. "
+            f"Ratios: eff. = eq. 11, storage = eq. 10 with the bitmask, over the compressed linears, then over the "
+            f"whole model (embeddings stay dense); shared factors count once. Time: compression wall time "
+            f"(calibration + solving). {torch.get_num_threads()} CPU threads.\n\n"
             f"Reproduce: `{command}`\n")

@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 from dataclasses import asdict
 import json
+import os
 import sys
 import time
 
@@ -12,12 +13,13 @@ import transformers
 
 from pathlib import Path
 
-from . import api, bench, bench_infer, bench_solver, export
+from . import api, bench, bench_infer, bench_plot, bench_solver, export
 from .budget import check_ratio
 from .checkpoint import DTYPES, parse_dtype, save
 from .data import load_corpus
 from .errors import CospadiError
 from .evaluate import perplexity
+from .groups import resolve_group_size
 from .methods import METHODS, SolverOptions
 from .models import load_model
 from .report import CompressionReport, peak_rss_mb, results_table
@@ -58,6 +60,10 @@ def build_parser() -> argparse.ArgumentParser:
     c = sub.add_parser("compress", help="compress a model and report ratio, perplexity, time and memory")
     _add_text_args(c)
     c.add_argument("--method", default="cospadi", help=f"one of {', '.join(METHODS)}")
+    c.add_argument("--group-size", type=int, default=None,
+                   help="consecutive blocks whose q/k/v/gate/up share one dictionary (cospadi) or basis "
+                        "(basis-sharing); o/down stay per layer (default: 2 for basis-sharing, else 1 = per layer; "
+                        "paper: 2); a last group is shorter when it does not divide the blocks")
     c.add_argument("--ratio", type=float, default=0.3, help="fraction of each linear's weights removed, in (0, 1)")
     _add_solver_args(c)
     c.add_argument("--calib-samples", type=int, default=api.DEFAULT_CALIB_SAMPLES,
@@ -72,7 +78,15 @@ def build_parser() -> argparse.ArgumentParser:
     b = sub.add_parser("bench", help="sweep methods x ratios, cache each cell, write a table into BENCHMARKS.md")
     _add_text_args(b)
     _add_solver_args(b)
-    b.add_argument("--methods", default=",".join(METHODS), help="comma-separated methods")
+    b.add_argument("--methods", default=",".join(bench.BENCH_METHODS),
+                   help=f"comma-separated, from {', '.join(bench.BENCH_METHODS)} (cospadi-group: cospadi per group)")
+    b.add_argument("--group-size", type=int, default=2, help="blocks per group of basis-sharing and cospadi-group")
+    b.add_argument("--lastword-examples", type=int, default=bench.DEFAULT_LASTWORD_EXAMPLES,
+                   help="last-word accuracy passages per cell (lm-eval, offline; 0: skip)")
+    b.add_argument("--wordppl-docs", type=int, default=bench.DEFAULT_WORDPPL_DOCS,
+                   help="held-out documents for lm-eval's word perplexity per cell (0: skip)")
+    b.add_argument("--plot", default="auto",
+                   help="PNG to draw (auto: benchmarks/<sweep>.png beside --output; none: no plot)")
     b.add_argument("--ratios", default="0.2,0.3,0.4,0.5", help="comma-separated ratios")
     b.add_argument("--calib-samples", type=int, default=api.DEFAULT_CALIB_SAMPLES, help="calibration windows")
     b.add_argument("--cache", default="runs/bench", help="folder of finished cells (a rerun skips them)")
@@ -91,8 +105,16 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--output", default="BENCHMARKS.md", help="Markdown file to write the table into")
     s.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     s.add_argument("--quiet", action="store_true", help="no progress bars")
-    e = sub.add_parser("eval", help="perplexity of a model or of a saved cospadi output folder")
+    e = sub.add_parser("eval", help="perplexity (and lm-eval tasks) of a model or of a saved cospadi output folder")
     _add_text_args(e)
+    e.add_argument("--tasks", default=None,
+                   help="comma-separated lm-eval tasks run zero-shot on the model in memory: any lm-eval task "
+                        "(arc_easy,piqa,... need the network) or the offline ones built from the held-out text, "
+                        "cospadi_lastword (LAMBADA-style accuracy) and cospadi_wordppl (word perplexity)")
+    e.add_argument("--limit", type=int, default=None, help="examples per lm-eval task (default: all)")
+    e.add_argument("--lastword-examples", type=int, default=500, help="passages of cospadi_lastword")
+    e.add_argument("--wordppl-docs", type=int, default=200, help="held-out documents of cospadi_wordppl")
+    e.add_argument("--batch-size", type=int, default=8, help="lm-eval batch size")
     x = sub.add_parser("export", help="write a plain transformers checkpoint with W = D S multiplied out")
     x.add_argument("--dense", action="store_true", help="export format: dense nn.Linear weights (the only one)")
     x.add_argument("folder", help="a folder written by `cospadi compress --out`")
@@ -121,6 +143,7 @@ def run_compress(args: argparse.Namespace) -> list[dict]:
     for name in ("calib_samples", "seq_len", "batch_size"):
         _positive("--" + name.replace("_", "-"), getattr(args, name))
     parse_dtype(args.dtype)
+    group_size = resolve_group_size(args.method, args.group_size)
     calib_texts, eval_texts = load_corpus(args.data)
     model, tokenizer = load_model(args.model)
     ids = api.calibration_ids(model, tokenizer, calib_texts, args.calib_samples, args.seq_len, args.seed)
@@ -129,7 +152,7 @@ def run_compress(args: argparse.Namespace) -> list[dict]:
     dense_ppl = _evaluate(model, windows, args, "dense perplexity")
     model, report = api.compress(model, tokenizer, input_ids=ids, method=args.method, ratio=args.ratio,
                                  batch_size=args.batch_size, progress=not args.quiet, workers=args.workers,
-                                 **asdict(options))
+                                 group_size=group_size, **asdict(options))
     ppl = _evaluate(model, windows, args, "compressed perplexity")
     row = _row(report, dense_ppl, ppl)
     if args.json:
@@ -158,15 +181,33 @@ def _row(report: CompressionReport, dense_ppl: float | None, ppl: float | None) 
 
 
 def run_eval(args: argparse.Namespace) -> list[dict]:
+    """Token perplexity and, with --tasks, lm-eval's metrics as `<task> <metric>` columns."""
     _positive("--seq-len", args.seq_len)
     _positive("--eval-windows", args.eval_windows)
+    tasks = None
+    if args.tasks is not None:
+        from .evaluate_lm_eval import require_lm_eval, parse_tasks
+
+        tasks = parse_tasks(args.tasks)
+        for name in ("lastword_examples", "wordppl_docs", "batch_size"):
+            _positive("--" + name.replace("_", "-"), getattr(args, name))
+        if args.limit is not None:
+            _positive("--limit", args.limit)
+        require_lm_eval()
     _, eval_texts = load_corpus(args.data)
     model, tokenizer = load_model(args.model)
     start = time.perf_counter()
     ppl = api.perplexity_on_texts(model, tokenizer, eval_texts, args.seq_len, args.eval_windows,
                                   progress=not args.quiet)
-    return [{"model": args.model, "windows": f"{args.eval_windows} x {args.seq_len}", "token ppl": ppl,
-             "time (s)": round(time.perf_counter() - start, 1), "peak RSS (MiB)": round(peak_rss_mb())}]
+    row = {"model": args.model, "windows": f"{args.eval_windows} x {args.seq_len}", "token ppl": ppl}
+    if tasks:
+        from .evaluate_lm_eval import evaluate_tasks
+
+        results = evaluate_tasks(model, tokenizer, tasks, eval_texts, batch_size=args.batch_size, limit=args.limit,
+                                 lastword_examples=args.lastword_examples, wordppl_docs=args.wordppl_docs,
+                                 quiet=args.quiet)
+        row.update({f"{task} {metric}": value for task, metrics in results.items() for metric, value in metrics.items()})
+    return [{**row, "time (s)": round(time.perf_counter() - start, 1), "peak RSS (MiB)": round(peak_rss_mb())}]
 
 
 def run_bench(args: argparse.Namespace) -> list[dict]:
@@ -174,10 +215,23 @@ def run_bench(args: argparse.Namespace) -> list[dict]:
     ratios = tuple(_ratios(args.ratios))
     sweep = bench.Sweep(model=args.model, data=args.data, methods=tuple(args.methods.split(",")), ratios=ratios,
                         calib_samples=args.calib_samples, seq_len=args.seq_len, eval_windows=args.eval_windows,
-                        options=options)
-    rows = bench.table_rows(bench.run_sweep(sweep, Path(args.cache), progress=not args.quiet))
+                        options=options, group_size=args.group_size, lastword_examples=args.lastword_examples,
+                        wordppl_docs=args.wordppl_docs)
+    sweep.check()
+    output = Path(args.output)
+    plot = None if args.plot == "none" else (
+        output.parent / "benchmarks" / f"{sweep.key}.png" if args.plot == "auto" else Path(args.plot))
+    if plot is not None:
+        bench_plot.check_matplotlib()
+    cells = bench.run_sweep(sweep, Path(args.cache), progress=not args.quiet)
+    rows = bench.table_rows(cells)
     command = "cospadi " + " ".join(sys.argv[1:]) if sys.argv[1:2] == ["bench"] else "cospadi bench"
-    bench.write_section(Path(args.output), sweep.key, bench.describe(sweep, command) + "\n" + results_table(rows))
+    body = bench.describe(sweep, command, cells) + "\n" + results_table(rows)
+    if plot is not None:
+        bench_plot.plot_sweep(cells, plot, f"{Path(sweep.model).name}: {sweep.calib_samples} x {sweep.seq_len} "
+                              "calibration tokens")
+        body += f"\n\n![perplexity against ratio]({os.path.relpath(plot.resolve(), output.resolve().parent)})"
+    bench.write_section(output, sweep.key, body)
     return rows
 
 

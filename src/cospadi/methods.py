@@ -81,11 +81,23 @@ def factorize(method: str, weight: torch.Tensor, gram: torch.Tensor, budget: Bud
         return svd(weight, gram, budget)
     if method in ("svd-llm", "basis-sharing"):  # a basis shared by one matrix is its svd-llm basis
         return svd_llm(weight, gram, budget)
-    return cospadi(weight, gram, budget, **_solver_kwargs(options))
+    return cospadi(weight, gram, budget, **_solver_kwargs(options, budget))
 
 
-def _solver_kwargs(options: SolverOptions) -> dict:
-    return dict(solver=options.solver, iters=options.iters, power_iters=options.power_iters, seed=options.seed,
+def _solver_kwargs(options: SolverOptions, budget: DictBudget) -> dict:
+    """cospadi()'s keywords for `options` under `budget`. An orthonormal dictionary holds at
+    most d1 atoms; with more (an overcomplete dictionary: shared ones at low ratios, e.g.
+    SmolLM2's gate/up in groups of 2 below ratio 0.35, or any matrix at a very low ratio) the
+    orthogonal start becomes learn_dictionary's SVD start, which has no codes yet, so at
+    least one Batch-OMP alternation runs (iters 0 -> 1); the orthogonal solver cannot run."""
+    iters = options.iters
+    if budget.atoms > budget.d1:
+        if options.solver == "orthogonal":
+            raise CospadiError(f"the orthogonal solver needs at most d1 = {budget.d1} atoms, the budget has "
+                               f"{budget.atoms} (an overcomplete dictionary): use --solver ksvd, or a higher ratio")
+        if options.solver == "ksvd" and options.init == "orthogonal":
+            iters = max(iters, 1)
+    return dict(solver=options.solver, iters=iters, power_iters=options.power_iters, seed=options.seed,
                 init=options.init, sweeps=options.sweeps)
 
 
@@ -99,7 +111,7 @@ def factorize_group(method: str, weights: list[torch.Tensor], grams: list[torch.
     if len(weights) == 1:
         return [factorize(method, weights[0], grams[0], budget, options)]
     if method == "cospadi":
-        return cospadi_grouped(weights, grams, budget, **_solver_kwargs(options))
+        return cospadi_grouped(weights, grams, budget, **_solver_kwargs(options, budget))
     if method == "basis-sharing":
         return basis_sharing(weights, grams, budget)
     raise CospadiError(f"method {method} does not share factors across layers")

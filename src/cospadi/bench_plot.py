@@ -1,0 +1,68 @@
+"""The `cospadi bench` plot: perplexity against compression ratio, log scale, one line per
+method, the dense model as a horizontal line; a panel per measure the sweep has (token
+perplexity, word perplexity, last-word accuracy on a linear scale)."""
+from __future__ import annotations
+
+import math
+import os
+from pathlib import Path
+
+from .errors import CospadiError
+
+PANELS = (("token_ppl", "token perplexity", True), ("word_ppl", "word perplexity (lm-eval)", True),
+          ("lastword_acc", "last-word accuracy", False))
+STYLES = {"svd": ("tab:gray", "x"), "svd-llm": ("tab:blue", "s"), "basis-sharing": ("tab:green", "^"),
+          "cospadi": ("tab:orange", "o"), "cospadi-group": ("tab:red", "D")}
+
+
+def check_matplotlib() -> None:
+    """CospadiError with the pip command when matplotlib is missing."""
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        raise CospadiError("the bench plot needs matplotlib: pip install 'cospadi[plot]' (or pass --plot none)") from None
+
+
+def plot_sweep(rows: list[dict], path: str | Path, title: str) -> Path:
+    """Draw the cells `rows` (bench.run_sweep's: dense first, then method x ratio with
+    `method`, `ratio` and the PANELS measures) into the PNG `path`, written atomically.
+    Non-finite values (a diverged model) are left out of their line. Returns the path."""
+    check_matplotlib()
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    dense, cells = rows[0], rows[1:]
+    panels = [p for p in PANELS if dense.get(p[0]) is not None]
+    fig, axes = plt.subplots(1, len(panels), figsize=(5.2 * len(panels), 4.2), squeeze=False)
+    methods = list(dict.fromkeys(r["method"] for r in cells))
+    for ax, (key, label, log) in zip(axes[0], panels):
+        for method in methods:
+            points = sorted((r["ratio"], r[key]) for r in cells if r["method"] == method
+                            and isinstance(r.get(key), (int, float)) and math.isfinite(r[key]))
+            if points:
+                color, marker = STYLES.get(method, (None, "o"))
+                ax.plot(*zip(*points), marker=marker, color=color, label=method)
+        ax.axhline(dense[key], color="black", linestyle="--", linewidth=1, label="dense")
+        if log:
+            ax.set_yscale("log")
+        else:
+            ax.set_ylim(bottom=0)
+        ax.set_xticks(sorted({r["ratio"] for r in cells}))
+        ax.set_xlabel("compression ratio (fraction of linear weights removed)")
+        ax.set_ylabel(label)
+        ax.grid(True, which="both", alpha=0.3)
+    axes[0][0].legend(fontsize=8)
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    try:
+        fig.savefig(tmp, dpi=110, format="png")
+        os.replace(tmp, path)
+    finally:
+        plt.close(fig)
+        tmp.unlink(missing_ok=True)
+    return path
