@@ -182,3 +182,15 @@ def test_low_rank_linear_matches_its_product(dtype):
     with torch.no_grad():
         assert rel_error(m(x), expected) < TOLERANCE[dtype]
     assert torch.allclose(m.weight().float(), (m.left.float() @ m.right.float()).to(dtype).float())
+
+
+def test_modules_built_or_used_in_inference_mode():
+    with torch.inference_mode():
+        m = module()
+        x = torch.randn(1, D1)
+        for path in ("sparse", "dense"):
+            m.path = path
+            assert rel_error(m(x), reference(m, x)) < 1e-5
+    m, x = module(), torch.randn(2, D1)
+    with torch.inference_mode():
+        assert rel_error(m(x), reference(m, x)) < 1e-5

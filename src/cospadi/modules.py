@@ -132,8 +132,9 @@ class DictLinear(nn.Module):
 
     def _key(self) -> tuple:
         stored = self.coefs if self.coef_bits is None else self.coefs14
-        return tuple((t.data_ptr(), t._version, t.dtype, t.device) for t in (self.mask, stored)) + (
-            self.dictionary.dtype,)
+        # inference tensors keep no version counter (and cannot change outside inference mode)
+        return tuple((t.data_ptr(), -1 if t.is_inference() else t._version, t.dtype, t.device)
+                     for t in (self.mask, stored)) + (self.dictionary.dtype,)
 
     def prepare(self) -> "DictLinear":
         """Derive the row indices from the mask (checking that every column has exactly s

@@ -1,0 +1,164 @@
+"""The command line of this issue, driven in-process through cospadi.cli.main on a tiny
+random Llama with the real SmolLM2 tokenizer: `compress --dtype --coef-bits` writes a
+compact folder that `eval` and `export --dense` read; `bench-infer` saves the three
+models once, measures them in worker processes and writes one marked section (rows,
+ratios to dense, target verdicts) into the Markdown file; bad input exits with status 2
+and one `error:` line, leaving nothing behind."""
+
+import json
+import random
+
+import pytest
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+
+import cospadi
+from cospadi import api, bench_infer, cli, infer_worker
+from cospadi.modules import DictLinear
+
+SEQ_LEN = 32
+
+
+@pytest.fixture(autouse=True, scope="module")
+def single_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def corpus(paragraphs: int = 80, seed: int = 0) -> str:
+    rng = random.Random(seed)
+    words = ("river village library engineer council museum orchestra railway harbour bridge meadow archive "
+             "festival century merchants travellers valley summer winter storms buildings square").split()
+    return "\n\n".join(" ".join(rng.choice(words) for _ in range(60)) + "." for _ in range(paragraphs)) + "\n"
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory, smollm2):
+    _, tokenizer = smollm2
+    root = tmp_path_factory.mktemp("cli-infer")
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, head_dim=8, max_position_embeddings=128,
+                         tie_word_embeddings=True, bos_token_id=1, eos_token_id=2)
+    LlamaForCausalLM(config).save_pretrained(root / "tiny")
+    tokenizer.save_pretrained(root / "tiny")
+    (root / "corpus.txt").write_text(corpus())
+    return {"model": root / "tiny", "txt": root / "corpus.txt", "root": root}
+
+
+def compress_argv(files, out, *extra) -> list[str]:
+    return ["compress", "--model", str(files["model"]), "--data", str(files["txt"]), "--method", "cospadi",
+            "--iters", "1", "--calib-samples", "4", "--seq-len", str(SEQ_LEN), "--eval-windows", "0",
+            "--out", str(out), "--quiet", *extra]
+
+
+def one_error_line(code: int, captured) -> str:
+    assert code == 2, captured.err
+    assert "Traceback" not in captured.err
+    lines = [line for line in captured.err.splitlines() if line.startswith("error:")]
+    assert len(lines) == 1, captured.err
+    return lines[0]
+
+
+def test_compress_with_compact_storage_then_eval_and_export(files, tmp_path, capsys):
+    out = tmp_path / "compact"
+    assert cli.main(compress_argv(files, out, "--dtype", "bfloat16", "--coef-bits", "14")) == 0, \
+        capsys.readouterr().err
+    config = json.loads((out / "config.json").read_text())
+    assert config["dtype"] == "bfloat16" and config["quantization_config"]["coef_bits"] == 14
+    model, tokenizer = cospadi.load(out)
+    module = model.model.layers[0].mlp.gate_proj
+    assert isinstance(module, DictLinear) and module.coef_bits == 14 and model.dtype == torch.bfloat16
+    capsys.readouterr()
+    assert cli.main(["eval", "--model", str(out), "--data", str(files["txt"]), "--seq-len", str(SEQ_LEN),
+                     "--eval-windows", "1", "--quiet"]) == 0, capsys.readouterr().err
+    capsys.readouterr()
+    assert cli.main(["export", "--dense", str(out), str(tmp_path / "dense"), "--quiet"]) == 0, \
+        capsys.readouterr().err
+    assert "exported" in capsys.readouterr().out
+    exported = json.loads((tmp_path / "dense" / "config.json").read_text())
+    assert "quantization_config" not in exported and (tmp_path / "dense" / "tokenizer.json").is_file()
+
+
+@pytest.mark.parametrize("argv,word", [
+    (["export", "FOLDER", "OUT"], "--dense"),
+    (["export", "--dense", "DENSE", "OUT"], "not a cospadi output folder"),
+    (["export", "--dense", "MISSING", "OUT"], "does not exist"),
+    (["bench-infer", "--batches", "1,x"], "--batches"),
+    (["bench-infer", "--methods", "svd,foo"], "unknown method"),
+    (["bench-infer", "--repeats", "0"], "--repeats"),
+    (["bench-infer", "--storage-dtype", "int4"], "dtype"),
+    (["bench-infer", "--ratio", "1.5"], "ratio"),
+])
+def test_bad_export_and_bench_infer_input_exits_2(argv, word, files, tmp_path, capsys):
+    parent = tmp_path / "outs"
+    parent.mkdir()
+    paths = {"FOLDER": str(files["model"]), "DENSE": str(files["model"]), "MISSING": str(tmp_path / "missing"),
+             "OUT": str(parent / "out")}
+    argv = [paths.get(a, a) for a in argv]
+    if argv[0] == "bench-infer":
+        argv += ["--model", str(files["model"]), "--work", str(parent / "work"), "--output", str(parent / "B.md")]
+    line = one_error_line(cli.main(argv), capsys.readouterr())
+    assert word in line, line
+    assert list(parent.iterdir()) == []
+
+
+def bench_argv(files, work, output) -> list[str]:
+    return ["bench-infer", "--model", str(files["model"]), "--data", str(files["txt"]), "--calib-samples", "4",
+            "--seq-len", str(SEQ_LEN), "--prompt-len", "8", "--new-tokens", "4", "--prefill-len", "16",
+            "--batches", "1,2", "--repeats", "2", "--threads", "1", "--work", str(work), "--output", str(output),
+            "--quiet"]
+
+
+def test_bench_infer_measures_three_models_and_writes_one_section(files, tmp_path, capsys, monkeypatch):
+    """Workers run in-process here (a fresh process each costs seconds of imports); the
+    next test runs one through its own process."""
+    output = tmp_path / "BENCH.md"
+    output.write_text("# Benchmarks\n\nNotes that must survive.\n")
+    work = tmp_path / "work"
+    specs = []
+    monkeypatch.setattr(bench_infer, "run_worker", lambda spec: specs.append(spec) or infer_worker.measure(spec))
+    assert cli.main(bench_argv(files, work, output)) == 0, capsys.readouterr().err
+    assert [s["path"] for s in specs] == ["auto", "auto", "auto", "dense"]
+    assert all(s["threads"] == 1 and s["new_tokens"] == 4 and s["batches"] == [1, 2] for s in specs)
+    text = output.read_text()
+    assert "Notes that must survive." in text and text.count("<!-- bench:infer-") == 1
+    section = text[text.index("<!-- bench:infer-"):]
+    assert "Reproduce: `cospadi bench-infer" in section or "Reproduce: `cospadi " in section
+    rows = [line for line in section.splitlines() if line.startswith("| ") and not line.startswith("| model")]
+    labels = [row.split("|")[1].strip() for row in rows]
+    assert labels == ["dense", "svd-llm", "cospadi", "cospadi (dense path only)"]
+    cells = {row.split("|")[1].strip(): [c.strip() for c in row.split("|")[2:-1]] for row in rows}
+    assert cells["dense"][1] == "1"  # bytes x dense
+    assert 0.5 < float(cells["cospadi"][1]) < 0.8 and 0.5 < float(cells["svd-llm"][1]) < 0.8
+    for label in labels:
+        assert all(float(c) > 0 for c in cells[label]), (label, cells[label])
+    assert "linear-weight bytes" in section and "prefill batch 2" in section
+    folders = sorted(p.name for p in next(work.iterdir()).iterdir())
+    assert folders == ["cospadi", "dense", "svd-llm"]
+
+    # a second run reuses the saved models and replaces the section
+    monkeypatch.setattr(api, "compress", lambda *a, **k: pytest.fail("recompressed a saved model"))
+    assert cli.main(bench_argv(files, work, output)) == 0, capsys.readouterr().err
+    again = output.read_text()
+    assert again.count("<!-- bench:infer-") == 1 and "Notes that must survive." in again
+
+
+def test_worker_process_measures_a_saved_model(files, tmp_path):
+    model, tokenizer = cospadi.load_model(str(files["model"]))
+    ids = torch.randint(0, 300, (8, 24), generator=torch.Generator().manual_seed(1))
+    model, report = api.compress(model, tokenizer, input_ids=ids, method="cospadi", ratio=0.3, iters=1,
+                                 progress=False)
+    cospadi.save(model, tokenizer, tmp_path / "m", report.to_dict())
+    spec = {"folder": str(tmp_path / "m"), "threads": 1, "compute_dtype": "float32", "path": "auto",
+            "tokens": list(range(40, 80)), "prompt_len": 4, "new_tokens": 3, "prefill_len": 10, "batches": [1, 2],
+            "repeats": 2, "profile": True}
+    result = bench_infer.run_worker(spec)
+    assert len(result["decode_s"]) == 2 and result["generated"] == 3
+    assert sorted(result["prefill_s"]) == ["1", "2"] and all(len(v) == 2 for v in result["prefill_s"].values())
+    assert result["peak_rss_mib"] > 50 and result["peak_rss_scope"] in ("while generating", "whole process")
+    assert "aten::" in result["profile_decode"] and "aten::" in result["profile_prefill"]
+    with pytest.raises(cospadi.CospadiError, match="measuring .* failed"):
+        bench_infer.run_worker(spec | {"folder": str(tmp_path / "missing")})
