@@ -26,6 +26,7 @@ from .folder_checks import check_folder
 from .folder_report import render_report
 from .hf_integration import FORMAT_VERSION, CospadiConfig
 from .modules import DictLinear, compressed_modules
+from .sharing import declared_for_saving
 
 DESCRIPTION = "cospadi.json"
 REPORT = "REPORT.md"
@@ -122,7 +123,8 @@ def save(model: PreTrainedModel, tokenizer, out_dir: str | os.PathLike, report: 
                                                                 report.get("ratio"))
     kwargs = {"max_shard_size": max_shard_size} if max_shard_size is not None else {}
     with atomic_folder(out_dir) as tmp:
-        model.save_pretrained(tmp, **kwargs)
+        with declared_for_saving(model):  # shared factors are written once
+            model.save_pretrained(tmp, **kwargs)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
         description = {"format_version": FORMAT_VERSION, "report": report}

@@ -11,12 +11,15 @@ from .modules import DictLinear, LowRankLinear, compressed_modules
 
 def stored_linear_bytes(model: nn.Module) -> tuple[int, int]:
     """(bytes the compressed linears' weights take as stored, bytes the same linears
-    would take as dense weights of the same dtype); biases excluded from both."""
+    would take as dense weights of the same dtype); biases excluded from both, a factor
+    shared by several modules (per-group mode) counted once."""
     stored = dense = 0
+    seen: set[int] = set()
     for _, module in compressed_modules(model):
         tensors = dict(module.named_parameters(recurse=False)) | dict(module.named_buffers(recurse=False))
         tensors.pop("bias", None)
-        stored += sum(t.numel() * t.element_size() for t in tensors.values())
+        stored += sum(t.numel() * t.element_size() for t in tensors.values() if id(t) not in seen)
+        seen.update(id(t) for t in tensors.values())
         floating = module.dictionary if isinstance(module, DictLinear) else module.left
         dense += module.in_features * module.out_features * floating.element_size()
     return stored, dense

@@ -9,6 +9,10 @@ A saved folder's config.json carries
                                         {"type": "dict", "in_features": 576, "out_features": 576,
                                          "atoms": 268, "sparsity": 134, "bias": false}, ...}}
 
+A module whose left factor (dictionary / left) is shared with an earlier module (per-group
+mode) carries `"shares": "<owner module name>"`; the factor is stored once, under its
+owner, and the modules are tied again on loading (sharing.py).
+
 After `import cospadi`, `AutoModelForCausalLM.from_pretrained(folder)` finds the
 "cospadi" quantizer: before the weights are read it swaps every listed nn.Linear for the
 DictLinear / LowRankLinear the entry describes (on the meta device, at the model's
@@ -34,6 +38,7 @@ from .bitmask import packed_size
 from .coefficients import check_coef_bits, packed14_size
 from .errors import CospadiError
 from .modules import DictLinear, LowRankLinear, compressed_modules
+from .sharing import shared_factors, tie_shared
 
 QUANT_METHOD = "cospadi"
 FORMAT_VERSION = 2  # 1: cospadi.json held the modules; values (s, out) and int16 indices
@@ -62,6 +67,8 @@ def check_spec(name: str, spec: object) -> None:
         value = spec.get(field)
         if not isinstance(value, int) or isinstance(value, bool) or value < 1:
             raise CospadiError(f"config.json: {name} has {field}={value!r}, not a positive integer; the folder is corrupt")
+    if "shares" in spec and not isinstance(spec["shares"], str):
+        raise CospadiError(f"config.json: {name} has shares={spec['shares']!r}, not a module name; the folder is corrupt")
 
 
 _BUILDERS: dict[str, Callable[[dict, torch.dtype, int | None], nn.Module]] = {
@@ -81,6 +88,8 @@ def stored_shapes(spec: dict, coef_bits: int | None) -> dict[str, tuple[int, ...
         shapes.update({"coefs": (d2, s)} if coef_bits is None else {"coefs14": (packed14_size(d2 * s),)})
     else:
         shapes = {"left": (d1, spec["rank"]), "right": (spec["rank"], d2)}
+    if spec.get("shares"):  # the shared factor is stored once, under its owner
+        shapes.pop("dictionary" if spec["type"] == "dict" else "left")
     return shapes | ({"bias": (d2,)} if spec.get("bias") else {})
 
 
@@ -137,8 +146,10 @@ class CospadiConfig(QuantizationConfigMixin):
     def from_model(cls, model: nn.Module, coef_bits: int | None = None, method: str | None = None,
                    ratio: float | None = None) -> "CospadiConfig":
         """The entry describing every compressed module of `model`."""
-        return cls({name: module_spec(m) for name, m in compressed_modules(model)}, coef_bits=coef_bits,
-                   method=method, ratio=ratio)
+        specs = {name: module_spec(m) for name, m in compressed_modules(model)}
+        for holder, owner in shared_factors(model).items():
+            specs[holder]["shares"] = owner
+        return cls(specs, coef_bits=coef_bits, method=method, ratio=ratio)
 
 
 ALIGNMENT = 64  # bytes; torch's CPU allocator aligns to this
@@ -174,6 +185,8 @@ class CospadiHfQuantizer(HfQuantizer):
             headers = [check_safetensors(Path(f)) for f in files]
             check_module_tensors(self.quantization_config.to_dict(), headers)
         replace_modules(model, self.quantization_config.modules, model.dtype, self.quantization_config.coef_bits)
+        tie_shared(model, {name: spec["shares"] for name, spec in self.quantization_config.modules.items()
+                           if spec.get("shares")})
         return model
 
     def _process_model_after_weight_loading(self, model, **kwargs):
