@@ -55,7 +55,10 @@ def build_csr(columns: torch.Tensor, coefs: torch.Tensor, atoms: int) -> torch.T
 def sparse_forward(x: torch.Tensor, dictionary: torch.Tensor, csr: torch.Tensor,
                    bias: torch.Tensor | None) -> torch.Tensor:
     """x (n, d1), dictionary (d1, k), csr = S^T (d2, k) from build_csr. Returns (n, d2)."""
-    z = (x @ dictionary).to(csr.dtype)
-    y = torch.mv(csr, z[0])[None] if z.shape[0] == 1 else (csr @ z.T).T
-    y = y.to(x.dtype)
+    z = x @ dictionary
+    if z.dtype != csr.dtype:
+        z = z.to(csr.dtype)
+    y = torch.mv(csr, z.view(-1)).view(1, -1) if z.shape[0] == 1 else (csr @ z.T).T
+    if y.dtype != x.dtype:
+        y = y.to(x.dtype)
     return y + bias if bias is not None else y

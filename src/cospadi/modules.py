@@ -131,10 +131,14 @@ class DictLinear(nn.Module):
             self.out_features, self.sparsity).to(self.dictionary.dtype)
 
     def _key(self) -> tuple:
-        stored = self.coefs if self.coef_bits is None else self.coefs14
-        # inference tensors keep no version counter (and cannot change outside inference mode)
-        return tuple((t.data_ptr(), -1 if t.is_inference() else t._version, t.dtype, t.device)
-                     for t in (self.mask, stored)) + (self.dictionary.dtype,)
+        """Identifies the stored tensors the cache was derived from: objects, storage,
+        in-place versions (inference tensors keep none, and cannot change outside
+        inference mode) and the compute dtype. Cheap: it runs on every forward."""
+        mask = self._buffers["mask"]
+        stored = self._parameters["coefs"] if self.coef_bits is None else self._buffers["coefs14"]
+        return (id(mask), mask.data_ptr(), -1 if mask.is_inference() else mask._version,
+                id(stored), stored.data_ptr(), -1 if stored.is_inference() else stored._version,
+                self._parameters["dictionary"].dtype)
 
     def prepare(self) -> "DictLinear":
         """Derive the row indices from the mask (checking that every column has exactly s
@@ -167,18 +171,23 @@ class DictLinear(nn.Module):
 
     # ------------------------------------------------------------------ compute
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        runtime = self.prepare()._runtime
+        runtime = self._runtime
+        if runtime is None or runtime.key != self._key():
+            runtime = self.prepare()._runtime
         flat = x.reshape(-1, self.in_features)
-        coefs = self.coefs if self.coef_bits is None else runtime.coefs
-        needs_grad = torch.is_grad_enabled() and (self.dictionary.requires_grad or coefs.requires_grad
-                                                  or x.requires_grad)
-        path = self.path if self.path != "auto" else kernels.choose_path(flat.shape[0], x.device, needs_grad)
+        dictionary = self._parameters["dictionary"]
+        coefs = self._parameters["coefs"] if self.coef_bits is None else runtime.coefs
+        path = self.path
+        if path == "auto":
+            needs_grad = torch.is_grad_enabled() and (dictionary.requires_grad or coefs.requires_grad
+                                                      or x.requires_grad)
+            path = kernels.choose_path(flat.shape[0], x.device, needs_grad)
         if path == "sparse":
             if runtime.csr is None:
                 runtime.csr = kernels.build_csr(runtime.columns, runtime.coefs, self.atoms)
-            y = kernels.sparse_forward(flat, self.dictionary.detach(), runtime.csr, self.bias)
+            y = kernels.sparse_forward(flat, dictionary, runtime.csr, self.bias)  # chosen only without autograd
         elif path == "dense":
-            y = kernels.dense_forward(flat, self.dictionary, runtime.columns, coefs, self.bias)
+            y = kernels.dense_forward(flat, dictionary, runtime.columns, coefs, self.bias)
         else:
             raise CospadiError(f"unknown path {path!r}; choose one of {', '.join(kernels.PATHS)}")
         return y.view(*x.shape[:-1], self.out_features)
