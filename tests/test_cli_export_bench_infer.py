@@ -127,7 +127,8 @@ def test_bench_infer_measures_three_models_and_writes_one_section(files, tmp_pat
     assert "Notes that must survive." in text and text.count("<!-- bench:infer-") == 1
     section = text[text.index("<!-- bench:infer-"):]
     assert "Reproduce: `cospadi bench-infer" in section or "Reproduce: `cospadi " in section
-    rows = [line for line in section.splitlines() if line.startswith("| ") and not line.startswith("| model")]
+    table = section[section.index("| model"):].split("\n\n")[0]  # the first table: one row per model
+    rows = [line for line in table.splitlines()[2:]]
     labels = [row.split("|")[1].strip() for row in rows]
     assert labels == ["dense", "svd-llm", "cospadi", "cospadi (dense path only)"]
     cells = {row.split("|")[1].strip(): [c.strip() for c in row.split("|")[2:-1]] for row in rows}
@@ -136,6 +137,7 @@ def test_bench_infer_measures_three_models_and_writes_one_section(files, tmp_pat
     for label in labels:
         assert all(float(c) > 0 for c in cells[label]), (label, cells[label])
     assert "linear-weight bytes" in section and "prefill batch 2" in section
+    assert "sparse / dense" in section and [s["crossover"] for s in specs] == [[], [], [1, 2, 4, 8, 16, 32, 64], []]
     folders = sorted(p.name for p in next(work.iterdir()).iterdir())
     assert folders == ["cospadi", "dense", "svd-llm"]
 

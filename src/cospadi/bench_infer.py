@@ -27,6 +27,7 @@ from .coefficients import check_coef_bits
 from .data import load_corpus
 from .errors import CospadiError
 from .folder_checks import check_safetensors, read_config, weight_files
+from .kernels import SPARSE_MAX_ROWS
 from .methods import METHODS, SolverOptions, check_method
 from .models import load_model
 from .report import results_table
@@ -56,6 +57,7 @@ class InferBench:
     threads: int = 2
     dense_path_row: bool = True
     profile: bool = False
+    crossover: tuple[int, ...] = (1, 2, 4, 8, 16, 32, 64)
     options: SolverOptions = field(default_factory=SolverOptions)
 
     def check(self) -> None:
@@ -153,7 +155,8 @@ def measure_all(bench: InferBench, folders: dict[str, Path]) -> dict[str, dict]:
         spec = {"folder": str(folder), "threads": bench.threads, "compute_dtype": bench.compute_dtype, "path": path,
                 "tokens": tokens, "prompt_len": bench.prompt_len, "new_tokens": bench.new_tokens,
                 "prefill_len": bench.prefill_len, "batches": list(bench.batches), "repeats": bench.repeats,
-                "profile": bench.profile and label == "cospadi"}
+                "profile": bench.profile and label == "cospadi",
+                "crossover": list(bench.crossover) if label == "cospadi" else []}
         linear, total = folder_bytes(folder, linears)
         results[label] = {"linear_bytes": linear, "folder_bytes": total, **run_worker(spec)}
     return results
@@ -200,6 +203,18 @@ def verdicts(bench: InferBench, rows: list[dict]) -> list[str]:
     return lines
 
 
+def crossover_table(crossover: dict[str, dict[str, list[float]]]) -> str:
+    """Which forward path of the cospadi model is faster for how many tokens (the basis of
+    kernels.SPARSE_MAX_ROWS)."""
+    rows = []
+    for tokens, times in crossover.items():
+        sparse, dense = statistics.median(times["sparse"]), statistics.median(times["dense"])
+        rows.append({"tokens": tokens, "sparse path (ms)": round(sparse * 1e3, 2),
+                     "dense path (ms)": round(dense * 1e3, 2), "sparse / dense": round(sparse / dense, 3)})
+    return ("Forward pass of the cospadi model (no cache) on n tokens, each path forced, medians; the automatic "
+            f"choice takes the sparse path up to {SPARSE_MAX_ROWS} tokens:\n\n" + results_table(rows))
+
+
 def describe(bench: InferBench, command: str, results: dict[str, dict]) -> str:
     """The header saying what was measured and how to reproduce it."""
     scope = next(iter(results.values()))["peak_rss_scope"]
@@ -220,6 +235,9 @@ def run(bench: InferBench, work: Path, output: Path | None, command: str, progre
     results = measure_all(bench, folders)
     rows = table_rows(bench, results)
     body = describe(bench, command, results) + "\n" + results_table(rows) + "\n\n" + "\n".join(verdicts(bench, rows))
+    crossover = results.get("cospadi", {}).get("crossover")
+    if crossover:
+        body += "\n\n" + crossover_table(crossover)
     profiles = [f"**{kind}** (cospadi, top operators by self CPU time)\n\n```\n{text.strip()}\n```"
                 for label, r in results.items() for kind, text in
                 (("decode", r.get("profile_decode")), ("prefill", r.get("profile_prefill"))) if text]

@@ -61,7 +61,8 @@ def profile_table(fn, rows: int = 12) -> str:
 def measure(spec: dict) -> dict:
     """The measurements described in the module doc for spec = {folder, threads,
     compute_dtype, path, tokens (list of held-out token ids), prompt_len, new_tokens,
-    prefill_len, batches, repeats, profile}."""
+    prefill_len, batches, repeats, profile, crossover (token counts to time on both
+    forward paths; optional)}."""
     torch.set_num_threads(spec["threads"])
     import cospadi  # noqa: F401  registers the quantizer
 
@@ -92,6 +93,15 @@ def measure(spec: dict) -> dict:
         for batch in spec["batches"]:
             prefill(batch)  # warm-up at this shape
             result["prefill_s"][str(batch)] = [_timed(lambda: prefill(batch)) for _ in range(spec["repeats"])]
+        for rows in spec.get("crossover", []):  # forward of `rows` tokens on each path (cospadi)
+            ids = tokens[:rows][None]
+            times = {}
+            for path in ("sparse", "dense"):
+                with forward_path(model, path):
+                    model(input_ids=ids, use_cache=False)
+                    times[path] = [_timed(lambda: model(input_ids=ids, use_cache=False))
+                                   for _ in range(spec["repeats"])]
+            result.setdefault("crossover", {})[str(rows)] = times
         if spec.get("profile"):
             result["profile_decode"] = profile_table(lambda: generate(min(new, 32)))
             result["profile_prefill"] = profile_table(lambda: prefill(1))
