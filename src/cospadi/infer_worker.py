@@ -20,6 +20,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from .checkpoint import parse_dtype
+from .hf_integration import realign
 from .modules import forward_path
 
 
@@ -57,7 +58,6 @@ def profile_table(fn, rows: int = 12) -> str:
     return prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=rows)
 
 
-@torch.inference_mode()
 def measure(spec: dict) -> dict:
     """The measurements described in the module doc for spec = {folder, threads,
     compute_dtype, path, tokens (list of held-out token ids), prompt_len, new_tokens,
@@ -67,6 +67,7 @@ def measure(spec: dict) -> dict:
     import cospadi  # noqa: F401  registers the quantizer
 
     model = AutoModelForCausalLM.from_pretrained(spec["folder"], dtype=parse_dtype(spec["compute_dtype"])).eval()
+    realign(model)  # as the cospadi quantizer does: every model runs on 64-byte aligned weights
     tokenizer = AutoTokenizer.from_pretrained(spec["folder"])
     tokens = torch.tensor(spec["tokens"], dtype=torch.long)
     prompt = tokens[: spec["prompt_len"]][None]
@@ -82,7 +83,7 @@ def measure(spec: dict) -> dict:
         model(input_ids=ids, use_cache=False)
 
     result: dict = {}
-    with forward_path(model, spec.get("path", "auto")):
+    with torch.inference_mode(), forward_path(model, spec.get("path", "auto")):
         generate(8)  # warm-up: allocator, kernels, caches of the compressed modules
         reset = reset_peak_rss()
         result["decode_s"] = [_timed(lambda: generate(new)) for _ in range(spec["repeats"])]
