@@ -284,3 +284,13 @@ def test_failed_save_leaves_an_existing_destination_untouched(tmp_path, monkeypa
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
     loaded, _ = cospadi.load(out)  # still the earlier cospadi model
     assert isinstance(loaded.model.layers[0].self_attn.q_proj, DictLinear)
+
+
+def test_saved_folder_has_ordinary_permissions(tmp_path):
+    model, report = compressed("llama", "svd-llm")
+    cospadi.save(model, None, tmp_path / "out", report.to_dict())
+    umask = os.umask(0)
+    os.umask(umask)
+    assert (tmp_path / "out").stat().st_mode & 0o777 == 0o777 & ~umask
+    for path in (tmp_path / "out").iterdir():
+        assert path.stat().st_mode & 0o777 == 0o666 & ~umask, path.name

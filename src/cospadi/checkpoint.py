@@ -48,6 +48,7 @@ def atomic_folder(out_dir: str | os.PathLike) -> Path:
         raise CospadiError(f"cannot write beside {out}: {exc.strerror}; choose a writable --out") from exc
     try:
         yield tmp
+        _default_permissions(tmp)
         if out.exists():
             old = out.with_name(f".{out.name}.old-{os.getpid()}")
             os.replace(out, old)
@@ -58,6 +59,15 @@ def atomic_folder(out_dir: str | os.PathLike) -> Path:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def _default_permissions(folder: Path) -> None:
+    """Give `folder` and everything in it the permissions a plain mkdir / open would
+    (mkdtemp makes the folder private, some writers make files private)."""
+    umask = os.umask(0)
+    os.umask(umask)
+    for path in [folder, *folder.rglob("*")]:
+        path.chmod((0o777 if path.is_dir() else 0o666) & ~umask)
 
 
 def parse_dtype(name: str | torch.dtype | None) -> torch.dtype | None:
