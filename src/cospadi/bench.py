@@ -128,9 +128,18 @@ def run_sweep(sweep: Sweep, cache: Path, progress: bool = True) -> list[dict]:
                                    **evaluate_cell(model, tokenizer, windows, eval_texts, sweep, progress),
                                    "seconds": seconds, "linear_ratios": report.linear_ratios,
                                    "model_ratios": report.model_ratios, "params": report.compressed_params,
-                                   "peak_rss_mb": report.peak_rss_mb})
+                                   "peak_rss_mb": report.peak_rss_mb, "output_errors": mean_errors(report)})
             rows.append(json.loads(path.read_text()))
     return rows
+
+
+def mean_errors(report) -> dict[str, float]:
+    """Mean relative calibration output error ||X (W - W')|| / ||X W|| per linear kind
+    (self_attn.q_proj, ...), over the blocks: where a method loses, per kind."""
+    kinds: dict[str, list[float]] = {}
+    for m in report.matrices:
+        kinds.setdefault(m.name, []).append(m.output_error)
+    return {kind: sum(errors) / len(errors) for kind, errors in kinds.items()}
 
 
 def evaluate_cell(model, tokenizer, windows: torch.Tensor, eval_texts: list[str], sweep: Sweep,
