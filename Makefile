@@ -26,7 +26,7 @@ test: setup
 	$(BIN)/python -m pytest -q
 
 bench: setup
-	$(BIN)/cospadi bench --model smollm2-135m --methods svd,svd-llm,cospadi --ratios 0.2,0.3,0.4,0.5
+	$(BIN)/cospadi bench --model smollm2-135m --methods svd,svd-llm,basis-sharing,cospadi,cospadi-group --ratios 0.2,0.3,0.4,0.5
 
 clean:
 	rm -rf $(VENV) runs

@@ -189,3 +189,11 @@ def test_bad_bench_settings_exit_2_before_any_work(extra, word, files, tmp_path,
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and word in err[0], err
     assert list(tmp_path.iterdir()) == []
+
+
+def test_sweep_keys_name_the_lm_eval_settings_and_stay_as_before_without_them():
+    from cospadi.bench import Sweep
+
+    plain = Sweep(lastword_examples=0, wordppl_docs=0).key
+    assert "-lw" not in plain and plain.endswith("-e32-rho2-ksvd-orthogonal-it0-sw8-p2-s42")  # caches of older sweeps
+    assert "-lw300-wd100-" in Sweep().key and Sweep(lastword_examples=50).key != Sweep().key

@@ -59,13 +59,14 @@ class Sweep:
     @property
     def key(self) -> str:
         """Readable names plus a digest of the full model and data paths (two files both
-        called corpus.txt must not share a cache)."""
+        called corpus.txt must not share a cache). Without lm-eval measures the key is
+        the one sweeps had before they existed, so their cells are reused."""
         o = self.options
         digest = hashlib.sha1(f"{Path(self.model).resolve() if Path(self.model).exists() else self.model}|"
                               f"{Path(self.data).resolve() if Path(self.data).exists() else self.data}".encode())
+        lm_eval = f"-lw{self.lastword_examples}-wd{self.wordppl_docs}" if self.tasks() else ""
         return (f"{Path(self.model).name}-{Path(self.data).stem}-{digest.hexdigest()[:8]}-c{self.calib_samples}x{self.seq_len}-e{self.eval_windows}"
-                f"-lw{self.lastword_examples}-wd{self.wordppl_docs}"
-                f"-rho{o.rho:g}-{o.solver}-{o.init}-it{o.iters}-sw{o.sweeps}-p{o.power_iters}-s{o.seed}")
+                f"{lm_eval}-rho{o.rho:g}-{o.solver}-{o.init}-it{o.iters}-sw{o.sweeps}-p{o.power_iters}-s{o.seed}")
 
     def cell_name(self, label: str, ratio: float) -> str:
         """The cache file of one cell; grouped methods carry their group size."""
