@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 
 PATHS = ("auto", "dense", "sparse")
-SPARSE_MAX_ROWS = 16  # rows (tokens) up to which the CPU uses the sparse path; see BENCHMARKS.md
+SPARSE_MAX_ROWS = 32  # rows (tokens) up to which the CPU uses the sparse path; see BENCHMARKS.md
 
 
 def choose_path(rows: int, device: torch.device, needs_grad: bool) -> str:
