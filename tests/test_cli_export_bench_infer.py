@@ -121,8 +121,12 @@ def test_bench_infer_measures_three_models_and_writes_one_section(files, tmp_pat
     specs = []
     monkeypatch.setattr(bench_infer, "run_worker", lambda spec: specs.append(spec) or infer_worker.measure(spec))
     assert cli.main(bench_argv(files, work, output)) == 0, capsys.readouterr().err
-    assert [s["path"] for s in specs] == ["auto", "auto", "auto", "dense"]
-    assert all(s["threads"] == 1 and s["new_tokens"] == 4 and s["batches"] == [1, 2] for s in specs)
+    assert [s["mode"] for s in specs] == ["speed"] + ["memory"] * 4  # one interleaved run, then memory per model
+    labels = ["dense", "svd-llm", "cospadi", "cospadi (dense path only)"]
+    assert [(m["label"], m["path"]) for m in specs[0]["models"]] == list(zip(labels, ["auto"] * 3 + ["dense"]))
+    assert specs[0]["batches"] == [1, 2] and specs[0]["detail_label"] == "cospadi"
+    assert [s["path"] for s in specs[1:]] == ["auto", "auto", "auto", "dense"]
+    assert all(s["threads"] == 1 and s["new_tokens"] == 4 for s in specs)
     text = output.read_text()
     assert "Notes that must survive." in text and text.count("<!-- bench:infer-") == 1
     section = text[text.index("<!-- bench:infer-"):]
@@ -137,7 +141,7 @@ def test_bench_infer_measures_three_models_and_writes_one_section(files, tmp_pat
     for label in labels:
         assert all(float(c) > 0 for c in cells[label]), (label, cells[label])
     assert "linear-weight bytes" in section and "prefill batch 2" in section
-    assert "sparse / dense" in section and [s["crossover"] for s in specs] == [[], [], [1, 2, 4, 8, 16, 32, 64], []]
+    assert "sparse / dense" in section and "| 64 |" in section and "Load average" in section
     folders = sorted(p.name for p in next(work.iterdir()).iterdir())
     assert folders == ["cospadi", "dense", "svd-llm"]
 
@@ -154,13 +158,20 @@ def test_worker_process_measures_a_saved_model(files, tmp_path):
     model, report = api.compress(model, tokenizer, input_ids=ids, method="cospadi", ratio=0.3, iters=1,
                                  progress=False)
     cospadi.save(model, tokenizer, tmp_path / "m", report.to_dict())
-    spec = {"folder": str(tmp_path / "m"), "threads": 1, "compute_dtype": "float32", "path": "auto",
-            "tokens": list(range(40, 80)), "prompt_len": 4, "new_tokens": 3, "prefill_len": 10, "batches": [1, 2],
-            "repeats": 2, "profile": True}
+    spec = {"mode": "speed", "models": [{"label": "a", "folder": str(tmp_path / "m"), "path": "auto"},
+                                        {"label": "b", "folder": str(tmp_path / "m"), "path": "dense"}],
+            "threads": 1, "compute_dtype": "float32", "tokens": list(range(40, 80)), "prompt_len": 4, "new_tokens": 3,
+            "prefill_len": 10, "batches": [1, 2], "repeats": 2, "detail_label": "a", "crossover": [1, 3],
+            "profile": True}
     result = bench_infer.run_worker(spec)
-    assert len(result["decode_s"]) == 2 and result["generated"] == 3
-    assert sorted(result["prefill_s"]) == ["1", "2"] and all(len(v) == 2 for v in result["prefill_s"].values())
-    assert result["peak_rss_mib"] > 50 and result["peak_rss_scope"] in ("while generating", "whole process")
-    assert "aten::" in result["profile_decode"] and "aten::" in result["profile_prefill"]
+    for label in ("a", "b"):
+        assert len(result[label]["decode_s"]) == 2 and result[label]["generated"] == 8  # the warm-up's count
+        assert sorted(result[label]["prefill_s"]) == ["1", "2"]
+        assert all(len(v) == 2 for v in result[label]["prefill_s"].values())
+    assert sorted(result["detail"]["crossover"]) == ["1", "3"]
+    assert "aten::" in result["detail"]["profile_decode"] and "aten::" in result["detail"]["profile_prefill"]
+    common = {k: spec[k] for k in ("threads", "compute_dtype", "tokens", "prompt_len", "new_tokens")}
+    rss = bench_infer.run_worker(common | {"mode": "memory", "folder": str(tmp_path / "m"), "path": "auto"})
+    assert rss["peak_rss_mib"] > 50 and rss["peak_rss_scope"] in ("while generating", "whole process")
     with pytest.raises(cospadi.CospadiError, match="measuring .* failed"):
-        bench_infer.run_worker(spec | {"folder": str(tmp_path / "missing")})
+        bench_infer.run_worker(spec | {"models": [{"label": "a", "folder": str(tmp_path / "missing"), "path": "auto"}]})

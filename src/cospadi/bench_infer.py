@@ -3,7 +3,9 @@ in one run: bytes on disk (the compressed linears' weights and the whole folder)
 speed (greedy generation, batch 1), prefill speed (one long forward pass per batch
 size) and peak resident memory while generating. Each model is saved once under the
 work folder at the storage dtype (dense too, so the byte counts compare like with like),
-then measured in a fresh process (infer_worker.py) at the compute dtype. The table goes
+then measured at the compute dtype (infer_worker.py): speeds in one process that holds all
+models and interleaves their runs, so drifting background load hits them alike; peak
+memory in one fresh process per model. The table goes
 into BENCHMARKS.md between markers that name the run."""
 from __future__ import annotations
 
@@ -120,13 +122,15 @@ def folder_bytes(folder: Path, linears: list[str]) -> tuple[int, int]:
 
 
 def run_worker(spec: dict) -> dict:
-    """infer_worker.measure(spec) in a fresh Python process."""
+    """infer_worker.measure(spec) in a fresh Python process; CospadiError with its last
+    line of stderr when it fails."""
     env = dict(os.environ, HF_HUB_OFFLINE=os.environ.get("HF_HUB_OFFLINE", "1"))
     done = subprocess.run([sys.executable, "-m", "cospadi.infer_worker", json.dumps(spec)], capture_output=True,
                           text=True, env=env)
     if done.returncode != 0:
         tail = done.stderr.strip().splitlines()[-1:] or ["no output"]
-        raise CospadiError(f"measuring {spec['folder']} failed: {tail[0]}")
+        what = spec.get("folder") or ", ".join(m["folder"] for m in spec.get("models", []))
+        raise CospadiError(f"measuring {what} failed: {tail[0]}")
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
@@ -142,24 +146,30 @@ def held_out_tokens(bench: InferBench, dense: Path) -> list[int]:
     return windows.reshape(-1).tolist()
 
 
-def measure_all(bench: InferBench, folders: dict[str, Path]) -> dict[str, dict]:
-    """label -> sizes and worker measurements, for every model (and the forced dense path)."""
+def measure_all(bench: InferBench, folders: dict[str, Path]) -> tuple[dict[str, dict], dict]:
+    """(label -> sizes, speed and memory measurements; the cospadi model's crossover
+    and profiles), for every model and the cospadi model with the dense path forced.
+    Speeds come from one worker that interleaves the models; memory from one worker per
+    model (a process's peak includes whatever else it holds)."""
     linears = sorted(read_config(folders[bench.methods[0]])["quantization_config"]["modules"]) if bench.methods \
         else []
     tokens = held_out_tokens(bench, folders["dense"])
     runs = [(label, folder, "auto") for label, folder in folders.items()]
     if bench.dense_path_row and "cospadi" in folders:
         runs.append(("cospadi (dense path only)", folders["cospadi"], "dense"))
+    common = {"threads": bench.threads, "compute_dtype": bench.compute_dtype, "tokens": tokens,
+              "prompt_len": bench.prompt_len, "new_tokens": bench.new_tokens}
+    load_before = os.getloadavg()[0]
+    speeds = run_worker(common | {
+        "mode": "speed", "models": [{"label": label, "folder": str(folder), "path": path} for label, folder, path in runs],
+        "prefill_len": bench.prefill_len, "batches": list(bench.batches), "repeats": bench.repeats,
+        "detail_label": "cospadi", "crossover": list(bench.crossover), "profile": bench.profile})
     results = {}
     for label, folder, path in runs:
-        spec = {"folder": str(folder), "threads": bench.threads, "compute_dtype": bench.compute_dtype, "path": path,
-                "tokens": tokens, "prompt_len": bench.prompt_len, "new_tokens": bench.new_tokens,
-                "prefill_len": bench.prefill_len, "batches": list(bench.batches), "repeats": bench.repeats,
-                "profile": bench.profile and label == "cospadi",
-                "crossover": list(bench.crossover) if label == "cospadi" else []}
         linear, total = folder_bytes(folder, linears)
-        results[label] = {"linear_bytes": linear, "folder_bytes": total, **run_worker(spec)}
-    return results
+        rss = run_worker(common | {"mode": "memory", "folder": str(folder), "path": path})
+        results[label] = {"linear_bytes": linear, "folder_bytes": total, **speeds[label], **rss}
+    return results, speeds.get("detail", {}) | {"load": (load_before, os.getloadavg()[0])}
 
 
 def table_rows(bench: InferBench, results: dict[str, dict]) -> list[dict]:
@@ -215,12 +225,15 @@ def crossover_table(crossover: dict[str, dict[str, list[float]]]) -> str:
             f"choice takes the sparse path up to {SPARSE_MAX_ROWS} tokens:\n\n" + results_table(rows))
 
 
-def describe(bench: InferBench, command: str, results: dict[str, dict]) -> str:
+def describe(bench: InferBench, command: str, results: dict[str, dict], detail: dict) -> str:
     """The header saying what was measured and how to reproduce it."""
     scope = next(iter(results.values()))["peak_rss_scope"]
+    load = " / ".join(f"{x:.2f}" for x in detail.get("load", ())) or "unknown"
     return (f"Model `{bench.model}` at ratio {bench.ratio:g}; every model saved at {bench.storage_dtype}"
             f"{f' with {bench.coef_bits}-bit values of S' if bench.coef_bits else ''} and run at "
-            f"{bench.compute_dtype} on {bench.threads} CPU threads, one fresh process per model. Linear weights = "
+            f"{bench.compute_dtype} on {bench.threads} CPU threads; speeds from one process holding every model, "
+            "runs interleaved (run 1 of each model, then run 2, ...); peak memory from one fresh process per model. "
+            f"Load average of the machine (1 min) before / after the speed runs: {load}. Linear weights = "
             "the q/k/v/o/gate/up/down tensors in the safetensors files (bitmask included); folder = every file. "
             f"Decode = greedy generation of {bench.new_tokens} new tokens after a {bench.prompt_len}-token prompt, "
             f"batch 1 (tokens / wall time of the generate call); prefill = one {bench.prefill_len}-token forward "
@@ -232,15 +245,13 @@ def run(bench: InferBench, work: Path, output: Path | None, command: str, progre
     """Prepare, measure, write the section into `output` (None: don't); return the rows."""
     bench.check()
     folders = prepare_folders(bench, work, progress)
-    results = measure_all(bench, folders)
+    results, detail = measure_all(bench, folders)
     rows = table_rows(bench, results)
-    body = describe(bench, command, results) + "\n" + results_table(rows) + "\n\n" + "\n".join(verdicts(bench, rows))
-    crossover = results.get("cospadi", {}).get("crossover")
-    if crossover:
-        body += "\n\n" + crossover_table(crossover)
-    profiles = [f"**{kind}** (cospadi, top operators by self CPU time)\n\n```\n{text.strip()}\n```"
-                for label, r in results.items() for kind, text in
-                (("decode", r.get("profile_decode")), ("prefill", r.get("profile_prefill"))) if text]
+    body = describe(bench, command, results, detail) + "\n" + results_table(rows) + "\n\n" + "\n".join(verdicts(bench, rows))
+    if detail.get("crossover"):
+        body += "\n\n" + crossover_table(detail["crossover"])
+    profiles = [f"**{kind}** (cospadi, top operators by self CPU time)\n\n```\n{detail[key].strip()}\n```"
+                for kind, key in (("decode", "profile_decode"), ("prefill", "profile_prefill")) if detail.get(key)]
     if profiles:
         body += "\n\n" + "\n\n".join(profiles)
     if output is not None:

@@ -53,7 +53,7 @@ def render_report(model: nn.Module, report: dict, coef_bits: int | None) -> str:
         ratios = report.get(key)
         if ratios:
             lines.append(f"- ratio {label}: effective (eq. 11) {ratios['effective']:.3f}, "
-                         f"storage with bitmask (eq. 10) {ratios['storage']:.3f}")
+                         f"storage with bitmask and 16-bit values (eq. 10) {ratios['storage']:.3f}")
     summary = report.get("summary") or {}
     if summary.get("ppl") not in (None, "-"):
         lines.append(f"- token perplexity: dense {summary.get('dense ppl')}, compressed {summary.get('ppl')} "

@@ -1,12 +1,15 @@
-"""One model's inference measurements, run in a fresh process by `cospadi bench-infer`
-(so every model's peak memory is its own):
+"""Inference measurements for `cospadi bench-infer`, run in fresh processes:
 
-    python -m cospadi.infer_worker '{"folder": ..., "threads": 2, ...}'
+    python -m cospadi.infer_worker '{"mode": "speed" | "memory", ...}'
 
-prints one JSON line: decode seconds per run (greedy generation of `new_tokens` tokens
-after a `prompt_len`-token prompt, batch 1), prefill seconds per run for each batch size
-(one forward pass over `prefill_len` tokens, no cache), and the peak resident memory
-while generating."""
+prints one JSON line. "speed" loads every model of the run into one process and
+interleaves them (run 1 of each model, then run 2 of each, ...), so a change in the
+machine's background load hits all models alike and the ratios stay fair: decode
+seconds per run (greedy generation of `new_tokens` tokens after a `prompt_len`-token
+prompt, batch 1), prefill seconds per run for each batch size (one forward pass over
+`prefill_len` tokens, no cache), optionally the forward time of a few token counts on
+each path and profiler tables. "memory" loads one model and reports its peak resident
+memory while generating."""
 from __future__ import annotations
 
 import json
@@ -58,55 +61,97 @@ def profile_table(fn, rows: int = 12) -> str:
     return prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=rows)
 
 
+class Runner:
+    """One loaded model (at the compute dtype, weights realigned as the cospadi quantizer
+    does, so every model runs on 64-byte aligned memory) and the calls the bench times."""
+
+    def __init__(self, spec: dict, folder: str) -> None:
+        self.model = AutoModelForCausalLM.from_pretrained(folder, dtype=parse_dtype(spec["compute_dtype"])).eval()
+        realign(self.model)
+        tokenizer = AutoTokenizer.from_pretrained(folder)
+        self.pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+        self.tokens = torch.tensor(spec["tokens"], dtype=torch.long)
+        self.prompt = self.tokens[: spec["prompt_len"]][None]
+        self.prefill_len = spec.get("prefill_len", 1)
+
+    def generate(self, count: int) -> torch.Tensor:
+        """Greedy generation of exactly `count` new tokens after the prompt (batch 1)."""
+        return self.model.generate(self.prompt, attention_mask=torch.ones_like(self.prompt), max_new_tokens=count,
+                                   min_new_tokens=count, do_sample=False, pad_token_id=self.pad)
+
+    def prefill(self, batch: int) -> None:
+        """One forward pass over (batch, prefill_len) held-out tokens, no cache."""
+        ids = self.tokens[: batch * self.prefill_len].view(batch, self.prefill_len)
+        self.model(input_ids=ids, use_cache=False)
+
+
+def speed(spec: dict) -> dict:
+    """label -> {decode_s, generated, prefill_s: {batch: [s]}} for spec["models"] = [{label,
+    folder, path}], interleaved; plus "crossover" and "profile_*" of spec["detail_label"]."""
+    runners: dict[str, Runner] = {}
+    for entry in spec["models"]:
+        if entry["folder"] not in runners:
+            runners[entry["folder"]] = Runner(spec, entry["folder"])
+    models = [(e["label"], runners[e["folder"]], e["path"]) for e in spec["models"]]
+    out = {label: {"decode_s": [], "prefill_s": {str(b): [] for b in spec["batches"]}} for label, _, _ in models}
+    with torch.inference_mode():
+        for label, runner, path in models:  # warm-up: allocator, kernels, caches of the compressed modules
+            with forward_path(runner.model, path):
+                out[label]["generated"] = int(runner.generate(8).shape[1] - runner.prompt.shape[1])
+                for batch in spec["batches"]:
+                    runner.prefill(batch)
+        for _ in range(spec["repeats"]):
+            for label, runner, path in models:
+                with forward_path(runner.model, path):
+                    out[label]["decode_s"].append(_timed(lambda: runner.generate(spec["new_tokens"])))
+        for batch in spec["batches"]:
+            for _ in range(spec["repeats"]):
+                for label, runner, path in models:
+                    with forward_path(runner.model, path):
+                        out[label]["prefill_s"][str(batch)].append(_timed(lambda: runner.prefill(batch)))
+        detail = next((r for label, r, _ in models if label == spec.get("detail_label")), None)
+        if detail is not None:
+            out["detail"] = details(spec, detail)
+    return out
+
+
+def details(spec: dict, runner: Runner) -> dict:
+    """Forward time of each token count in spec["crossover"] on both paths, and (with
+    spec["profile"]) profiler tables of a decode and a batch-1 prefill."""
+    result: dict = {"crossover": {}}
+    for rows in spec.get("crossover", []):
+        ids = runner.tokens[:rows][None]
+        times = {}
+        for path in ("sparse", "dense"):
+            with forward_path(runner.model, path):
+                runner.model(input_ids=ids, use_cache=False)
+                times[path] = [_timed(lambda: runner.model(input_ids=ids, use_cache=False))
+                               for _ in range(spec["repeats"])]
+        result["crossover"][str(rows)] = times
+    if spec.get("profile"):
+        result["profile_decode"] = profile_table(lambda: runner.generate(min(spec["new_tokens"], 32)))
+        result["profile_prefill"] = profile_table(lambda: runner.prefill(1))
+    return result
+
+
+def memory(spec: dict) -> dict:
+    """{peak_rss_mib, peak_rss_scope} of one model (spec folder, path) generating
+    spec["new_tokens"] tokens, the model loaded and warmed up beforehand."""
+    runner = Runner(spec, spec["folder"])
+    with torch.inference_mode(), forward_path(runner.model, spec["path"]):
+        runner.generate(8)
+        reset = reset_peak_rss()
+        runner.generate(spec["new_tokens"])
+        return {"peak_rss_mib": peak_rss_mib(reset), "peak_rss_scope": "while generating" if reset else
+                "whole process"}
+
+
 def measure(spec: dict) -> dict:
-    """The measurements described in the module doc for spec = {folder, threads,
-    compute_dtype, path, tokens (list of held-out token ids), prompt_len, new_tokens,
-    prefill_len, batches, repeats, profile, crossover (token counts to time on both
-    forward paths; optional)}."""
+    """speed(spec) or memory(spec), by spec["mode"], on spec["threads"] torch threads."""
     torch.set_num_threads(spec["threads"])
     import cospadi  # noqa: F401  registers the quantizer
 
-    model = AutoModelForCausalLM.from_pretrained(spec["folder"], dtype=parse_dtype(spec["compute_dtype"])).eval()
-    realign(model)  # as the cospadi quantizer does: every model runs on 64-byte aligned weights
-    tokenizer = AutoTokenizer.from_pretrained(spec["folder"])
-    tokens = torch.tensor(spec["tokens"], dtype=torch.long)
-    prompt = tokens[: spec["prompt_len"]][None]
-    new = spec["new_tokens"]
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-
-    def generate(count: int) -> torch.Tensor:
-        return model.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=count,
-                              min_new_tokens=count, do_sample=False, pad_token_id=pad)
-
-    def prefill(batch: int) -> None:
-        ids = tokens[: batch * spec["prefill_len"]].view(batch, spec["prefill_len"])
-        model(input_ids=ids, use_cache=False)
-
-    result: dict = {}
-    with torch.inference_mode(), forward_path(model, spec.get("path", "auto")):
-        generate(8)  # warm-up: allocator, kernels, caches of the compressed modules
-        reset = reset_peak_rss()
-        result["decode_s"] = [_timed(lambda: generate(new)) for _ in range(spec["repeats"])]
-        result["peak_rss_mib"] = peak_rss_mib(reset)
-        result["peak_rss_scope"] = "while generating" if reset else "whole process"
-        result["generated"] = int(generate(new).shape[1] - prompt.shape[1])
-        result["prefill_s"] = {}
-        for batch in spec["batches"]:
-            prefill(batch)  # warm-up at this shape
-            result["prefill_s"][str(batch)] = [_timed(lambda: prefill(batch)) for _ in range(spec["repeats"])]
-        for rows in spec.get("crossover", []):  # forward of `rows` tokens on each path (cospadi)
-            ids = tokens[:rows][None]
-            times = {}
-            for path in ("sparse", "dense"):
-                with forward_path(model, path):
-                    model(input_ids=ids, use_cache=False)
-                    times[path] = [_timed(lambda: model(input_ids=ids, use_cache=False))
-                                   for _ in range(spec["repeats"])]
-            result.setdefault("crossover", {})[str(rows)] = times
-        if spec.get("profile"):
-            result["profile_decode"] = profile_table(lambda: generate(min(new, 32)))
-            result["profile_prefill"] = profile_table(lambda: prefill(1))
-    return result
+    return speed(spec) if spec["mode"] == "speed" else memory(spec)
 
 
 def main() -> None:
