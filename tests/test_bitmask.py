@@ -14,14 +14,6 @@ from cospadi.coefficients import pack14, packed14_size, truncate14, unpack14
 from cospadi.errors import CospadiError
 
 
-@pytest.fixture(autouse=True, scope="module")
-def single_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @st.composite
 def patterns(draw):
     """(rows (s, width) ascending per column, height): a random column-sparse pattern."""

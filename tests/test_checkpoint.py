@@ -34,15 +34,6 @@ TARGETS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_att
 FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "gemma3")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def single_thread():
-    """Tiny matrices: one intra-op thread avoids spin contention on a shared machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def build(family: str) -> torch.nn.Module:
     torch.manual_seed(0)
     if family == "llama":  # tied embeddings, like SmolLM2

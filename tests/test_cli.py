@@ -26,15 +26,6 @@ TARGETS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_att
 LAYERS = 2
 
 
-@pytest.fixture(autouse=True, scope="module")
-def single_thread():
-    """Tiny matrices: one intra-op thread avoids spin contention on a shared machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 SUBJECTS = ["The river", "A small village", "The old library", "Her grandfather", "The committee",
             "The northern railway", "A young engineer", "The city council", "The museum", "The orchestra"]
 VERBS = ["was founded", "was rebuilt", "became famous", "was described", "was expanded", "was studied",

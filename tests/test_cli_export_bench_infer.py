@@ -19,14 +19,6 @@ from cospadi.modules import DictLinear
 SEQ_LEN = 32
 
 
-@pytest.fixture(autouse=True, scope="module")
-def single_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def corpus(paragraphs: int = 80, seed: int = 0) -> str:
     rng = random.Random(seed)
     words = ("river village library engineer council museum orchestra railway harbour bridge meadow archive "

@@ -23,14 +23,6 @@ COMMON = dict(vocab_size=300, hidden_size=64, intermediate_size=128, num_hidden_
               num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=64)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def single_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def build(family: str):
     torch.manual_seed(0)
     if family == "llama":

@@ -11,14 +11,6 @@ from cospadi.solvers import (cholesky_upper, learn_dictionary, learn_orthogonal,
 from cospadi.solvers.orthogonal import hard_threshold
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def planted(n=40, k=24, m=300, s=4, orthonormal=False, seed=0):
     gen = torch.Generator().manual_seed(seed)
     d = torch.randn(n, k, generator=gen, dtype=torch.float64)

@@ -23,14 +23,6 @@ COMMON = dict(vocab_size=300, hidden_size=64, intermediate_size=128, num_hidden_
 Q = "model.layers.0.self_attn.q_proj"
 
 
-@pytest.fixture(autouse=True, scope="module")
-def single_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture(scope="module")
 def saved(tmp_path_factory):
     """{"single": one-file folder, "sharded": several shards, "dense": a plain folder}."""

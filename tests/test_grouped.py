@@ -23,14 +23,6 @@ TARGETS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_att
 RATIO = 0.3
 
 
-@pytest.fixture(autouse=True, scope="module")
-def single_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def random_gram(d: int, seed: int, scale: float = 1.0) -> torch.Tensor:
     x = torch.randn(4 * d, d, dtype=torch.float64, generator=torch.Generator().manual_seed(seed))
     x = x * torch.linspace(0.2, 3.0, d, dtype=torch.float64)  # anisotropic inputs

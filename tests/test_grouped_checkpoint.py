@@ -19,14 +19,6 @@ from cospadi.sharing import factor_name, shared_factors
 IDS = torch.randint(0, 200, (6, 20), generator=torch.Generator().manual_seed(2))
 
 
-@pytest.fixture(autouse=True, scope="module")
-def single_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def grouped_model(method: str, layers: int = 3) -> tuple[LlamaForCausalLM, dict]:
     torch.manual_seed(0)
     config = LlamaConfig(vocab_size=200, hidden_size=32, intermediate_size=64, num_hidden_layers=layers,

@@ -32,14 +32,6 @@ DOCS = [
 ]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def single_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 # ---------------------------------------------------------------------------- the task data
 
 def test_lastword_passages_end_on_a_word_the_context_contains():

@@ -17,14 +17,6 @@ D1, D2, K, S = 48, 40, 20, 7
 TOLERANCE = {torch.float32: 1e-5, torch.bfloat16: 3e-2, torch.float16: 3e-3}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def single_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def factors(seed: int = 0, d1: int = D1, d2: int = D2, k: int = K, s: int = S) -> SparseDictFactors:
     g = torch.Generator().manual_seed(seed)
     rows = torch.stack([torch.randperm(k, generator=g)[:s].sort().values for _ in range(d2)], 1)

@@ -21,14 +21,6 @@ from cospadi.modules import DictLinear
 from cospadi.solvers.factors import SparseDictFactors
 
 
-@pytest.fixture(autouse=True, scope="module")
-def single_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def quick_factors(weight: torch.Tensor, ratio: float) -> SparseDictFactors:
     """W (d1, d2) ~ D S within the dictionary budget at `ratio`, without calibration."""
     d1, d2 = weight.shape

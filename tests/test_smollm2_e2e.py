@@ -35,15 +35,6 @@ BLOCKS = 2
 CALIB_SAMPLES, SEQ_LEN, EVAL_WINDOWS = 4, 128, 2
 
 
-@pytest.fixture(autouse=True, scope="module")
-def single_thread():
-    """One intra-op thread: the machine is shared with other jobs."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def truncate(model: torch.nn.Module, blocks: int) -> torch.nn.Module:
     """A deep copy of `model` keeping only its first `blocks` decoder blocks."""
     small = copy.deepcopy(model)
