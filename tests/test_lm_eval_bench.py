@@ -183,9 +183,15 @@ def test_bad_bench_settings_exit_2_before_any_work(extra, word, files, tmp_path,
     assert list(tmp_path.iterdir()) == []
 
 
-def test_sweep_keys_name_the_lm_eval_settings_and_stay_as_before_without_them():
+def test_sweep_keys_name_the_lm_eval_settings_and_solver_options_name_only_dictionary_cells():
     from cospadi.bench import Sweep
+    from cospadi.methods import SolverOptions
 
-    plain = Sweep(lastword_examples=0, wordppl_docs=0).key
-    assert "-lw" not in plain and plain.endswith("-e32-rho2-ksvd-orthogonal-it0-sw8-p2-s42")  # caches of older sweeps
-    assert "-lw300-wd100-" in Sweep().key and Sweep(lastword_examples=50).key != Sweep().key
+    plain, other = Sweep(lastword_examples=0, wordppl_docs=0), Sweep(options=SolverOptions(sweeps=3, power_iters=1))
+    assert "-lw" not in plain.key and "-lw300-wd100-" in Sweep().key and Sweep(lastword_examples=50).key != Sweep().key
+    assert other.key == Sweep().key  # one cache folder: the baselines are shared across solver settings
+    for label in ("svd", "svd-llm", "basis-sharing"):
+        assert other.cell_name(label, 0.3) == Sweep().cell_name(label, 0.3)
+    for label in ("cospadi", "cospadi-group"):
+        assert other.cell_name(label, 0.3) != Sweep().cell_name(label, 0.3)
+    assert Sweep().cell_name("cospadi-group", 0.3) == "cospadi-group-g2-rho2-ksvd-orthogonal-it0-sw8-p2-0.3.json"

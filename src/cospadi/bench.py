@@ -59,19 +59,22 @@ class Sweep:
     @property
     def key(self) -> str:
         """Readable names plus a digest of the full model and data paths (two files both
-        called corpus.txt must not share a cache). Without lm-eval measures the key is
-        the one sweeps had before they existed, so their cells are reused."""
-        o = self.options
+        called corpus.txt must not share a cache). Solver options are not in the key but
+        in the names of the cells that use them, so baselines survive a solver change."""
         digest = hashlib.sha1(f"{Path(self.model).resolve() if Path(self.model).exists() else self.model}|"
                               f"{Path(self.data).resolve() if Path(self.data).exists() else self.data}".encode())
         lm_eval = f"-lw{self.lastword_examples}-wd{self.wordppl_docs}" if self.tasks() else ""
-        return (f"{Path(self.model).name}-{Path(self.data).stem}-{digest.hexdigest()[:8]}-c{self.calib_samples}x{self.seq_len}-e{self.eval_windows}"
-                f"{lm_eval}-rho{o.rho:g}-{o.solver}-{o.init}-it{o.iters}-sw{o.sweeps}-p{o.power_iters}-s{o.seed}")
+        return (f"{Path(self.model).name}-{Path(self.data).stem}-{digest.hexdigest()[:8]}"
+                f"-c{self.calib_samples}x{self.seq_len}-e{self.eval_windows}{lm_eval}-s{self.options.seed}")
 
     def cell_name(self, label: str, ratio: float) -> str:
-        """The cache file of one cell; grouped methods carry their group size."""
-        grouped = BENCH_METHODS[label][1]
-        return f"{label}{f'-g{self.group_size}' if grouped else ''}-{ratio:g}.json"
+        """The cache file of one cell: grouped methods carry their group size, dictionary
+        methods their solver options."""
+        method, grouped = BENCH_METHODS[label]
+        o = self.options
+        solver = (f"-rho{o.rho:g}-{o.solver}-{o.init}-it{o.iters}-sw{o.sweeps}-p{o.power_iters}"
+                  if method == "cospadi" else "")
+        return f"{label}{f'-g{self.group_size}' if grouped else ''}{solver}-{ratio:g}.json"
 
     def tasks(self) -> list[str]:
         """The local lm-eval tasks every cell runs."""
