@@ -124,3 +124,42 @@ def test_whitened_learning_runs_on_the_whitened_weight():
     wl = whiten(cholesky_upper(gram), w).float()
     r = learn_dictionary(wl, budget.atoms, budget.sparsity, 0, 2, 42, "orthogonal", 8)
     assert output_error(gram, w, f.weight()) == pytest.approx(r.objective[-1] ** 0.5 / float(wl.norm()), rel=1e-4)
+
+
+def test_polar_factor_matches_the_svd_route_and_survives_rank_deficiency():
+    from cospadi.solvers.orthogonal import polar
+
+    m = torch.randn(50, 20, dtype=torch.float64, generator=torch.Generator().manual_seed(11))
+    u, _, vh = torch.linalg.svd(m, full_matrices=False)
+    assert torch.allclose(polar(m), u @ vh, atol=1e-10)
+    m[:, 3] = 0.0  # an atom no column uses: M loses rank, the eigh route would divide by zero
+    p = polar(m)
+    assert torch.isfinite(p).all()
+    assert torch.allclose(p.T @ p, torch.eye(20, dtype=torch.float64), atol=1e-10)
+    # still a Procrustes maximiser: trace(P^T M) equals the nuclear norm of M
+    assert float((p * m).sum()) == pytest.approx(float(torch.linalg.svdvals(m).sum()), rel=1e-10)
+
+
+@pytest.mark.parametrize("options", [SolverOptions(), SolverOptions(init="svd", iters=3, sweeps=1),
+                                     SolverOptions(solver="orthogonal"), SolverOptions(solver="single-step")],
+                         ids=["default", "ksvd-omp", "orthogonal", "single-step"])
+def test_tall_weights_learn_in_their_row_space_with_the_same_result(options):
+    # W (60, 16) has rank 16: cospadi learns on R of W = Q R and maps D back by Q; with an
+    # identity Gram that must give the same factors as learning on W itself.
+    from cospadi.solvers import dictionary
+
+    d0, codes, w = planted(n=60, k=12, m=16, s=3, seed=12)
+    w = w + 0.01 * torch.randn(60, 16, dtype=torch.float64, generator=torch.Generator().manual_seed(13))
+    budget = dict_budget(60, 16, 0.3)
+    assert budget.atoms <= 16
+    f = dictionary.cospadi(w, torch.eye(60, dtype=torch.float64), budget, options.solver, options.iters,
+                           options.power_iters, options.seed, options.init, options.sweeps, dtype=torch.float64)
+    if options.solver == "orthogonal":
+        r = learn_orthogonal(w, budget.atoms, budget.sparsity, dictionary.ORTHOGONAL_ROUNDS)
+    elif options.solver == "single-step":
+        r = single_step(w, budget.atoms, budget.sparsity)
+    else:
+        r = learn_dictionary(w, budget.atoms, budget.sparsity, options.iters, options.power_iters, options.seed,
+                             options.init, options.sweeps)
+    assert torch.equal(f.indices, r.indices)
+    assert torch.allclose(f.weight(), r.dictionary @ dense(r, budget.atoms), atol=1e-9)

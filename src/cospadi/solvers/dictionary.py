@@ -148,7 +148,15 @@ def cospadi(weight: torch.Tensor, gram: torch.Tensor, budget: DictBudget, solver
     if solver not in SOLVERS:
         raise ValueError(f"solver must be one of {SOLVERS}")
     upper = cholesky_upper(gram)
-    whitened = whiten(upper, weight).to(dtype)
+    whitened = whiten(upper, weight)
+    # A tall L W (d1 > d2, e.g. down_proj) has rank <= d2: with L W = Q R (Q (d1, d2)
+    # orthonormal), every solver step (OMP inner products D^T Y, Gram D^T D, atom updates,
+    # Procrustes) stays in range(Q), so learning on R (d2, d2) and mapping D = Q D_R is the
+    # same computation in d2 instead of d1 coordinates. Needs k <= d2 (an orthonormal D_R).
+    basis = None
+    if whitened.shape[0] > whitened.shape[1] >= budget.atoms:
+        basis, whitened = torch.linalg.qr(whitened)
+    whitened = whitened.to(dtype)
     if solver == "ksvd":
         result = learn_dictionary(whitened, budget.atoms, budget.sparsity, iters, power_iters, seed, init, sweeps,
                                   on_iter)
@@ -160,4 +168,7 @@ def cospadi(weight: torch.Tensor, gram: torch.Tensor, budget: DictBudget, solver
         from .orthogonal import single_step
 
         result = single_step(whitened, budget.atoms, budget.sparsity)
-    return SparseDictFactors(unwhiten(upper, result.dictionary), result.indices, result.values.to(torch.float64))
+    dictionary = result.dictionary.to(torch.float64)
+    if basis is not None:
+        dictionary = basis @ dictionary
+    return SparseDictFactors(unwhiten(upper, dictionary), result.indices, result.values.to(torch.float64))
