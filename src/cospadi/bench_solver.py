@@ -72,9 +72,11 @@ def time_solver(solve, repeats: int) -> tuple[object, float]:
 
 
 def compare(matrices: dict[str, tuple[torch.Tensor, torch.Tensor]], names: list[str], ratios: list[float],
-            configs: dict[str, SolverOptions], repeats: int) -> list[dict]:
-    """One row per (matrix, ratio, solver): relative whitened error and median seconds.
-    svd-llm rows are the low-rank reference at the same ratio."""
+            configs: dict[str, SolverOptions], repeats: int, paper_repeats: int | None = None) -> list[dict]:
+    """One row per (matrix, ratio, solver): relative whitened error and median seconds
+    (`paper_repeats` timed runs for the "paper" reference, which is slow; `repeats` for
+    the rest). svd-llm rows are the low-rank reference at the same ratio. With "paper"
+    among `configs`, every row also gets its error and speed relative to that reference."""
     rows = []
     for name in names:
         if name not in matrices:
@@ -84,12 +86,19 @@ def compare(matrices: dict[str, tuple[torch.Tensor, torch.Tensor]], names: list[
         for ratio in ratios:
             factors, seconds = time_solver(lambda: svd_llm(weight, gram, lowrank_budget(d1, d2, ratio)), repeats)
             base = output_error(gram, weight, factors.weight())
-            rows.append({"matrix": name, "ratio": ratio, "solver": "svd-llm", "error": base, "x svd-llm": 1.0,
-                         "seconds": seconds})
+            cell = [{"matrix": name, "ratio": ratio, "solver": "svd-llm", "error": base, "x svd-llm": 1.0,
+                     "seconds": seconds}]
             for label, o in configs.items():
                 budget = dict_budget(d1, d2, ratio, o.rho)
-                factors, seconds = time_solver(lambda: factorize("cospadi", weight, gram, budget, o), repeats)
+                runs = paper_repeats if label == "paper" and paper_repeats else repeats
+                factors, seconds = time_solver(lambda: factorize("cospadi", weight, gram, budget, o), runs)
                 err = output_error(gram, weight, factors.weight())
-                rows.append({"matrix": name, "ratio": ratio, "solver": f"{label}: {describe_options(o)}",
+                cell.append({"matrix": name, "ratio": ratio, "solver": f"{label}: {describe_options(o)}",
                              "error": err, "x svd-llm": err / base, "seconds": seconds})
+            paper = next((r for r in cell if r["solver"].startswith("paper:")), None)
+            for r in cell:
+                if paper is not None:
+                    r["error / paper"] = r["error"] / paper["error"]
+                    r["speed-up vs paper"] = paper["seconds"] / r["seconds"]
+            rows.extend(cell)
     return rows
