@@ -144,7 +144,8 @@ def test_bench_caches_grouped_cells_with_every_measure_and_draws_the_plot(files,
     assert cli.main(argv) == 0, capsys.readouterr().err
     assert sorted(calls) == [("basis-sharing", 0.4, 2), ("cospadi", 0.4, 2), ("svd-llm", 0.4, 1)]
     names = sorted(p.name for p in cache.rglob("*.json"))
-    assert names == ["basis-sharing-g2-0.4.json", "cospadi-group-g2-0.4.json", "dense.json", "svd-llm-0.4.json"]
+    assert names == ["basis-sharing-g2-0.4.json", "cospadi-group-g2-rho2-ksvd-orthogonal-it0-sw8-p2-0.4.json",
+                     "dense.json", "svd-llm-0.4.json"]
     for path in cache.rglob("*.json"):
         cell = json.loads(path.read_text())
         assert math.isfinite(cell["token_ppl"]) and math.isfinite(cell["word_ppl"]) and cell["wordppl_docs"] == 2
