@@ -7,7 +7,8 @@ import math
 import pytest
 import torch
 
-from cospadi import bench_solver, cli
+from cospadi import cli
+from cospadi.bench import solver as bench_solver
 from cospadi.budget import lowrank_budget
 from cospadi.solvers import output_error, svd_llm
 from test_cli import SEQ_LEN, files, parse_table, printed_rows  # noqa: F401  (fixtures)

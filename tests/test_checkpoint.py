@@ -16,12 +16,12 @@ from transformers import (AutoModelForCausalLM, Gemma3ForCausalLM, Gemma3TextCon
                           Qwen3ForCausalLM)
 
 import cospadi
-from cospadi.checkpoint import DESCRIPTION, REPORT, atomic_folder
+from cospadi.storage.checkpoint import DESCRIPTION, REPORT, atomic_folder
 from cospadi.errors import CospadiError
-from cospadi.folder_checks import check_safetensors
-from cospadi.hf_integration import FORMAT_VERSION
+from cospadi.storage.folder_checks import check_safetensors
+from cospadi.storage.hf_integration import FORMAT_VERSION
 from cospadi.methods import SolverOptions
-from cospadi.modules import DictLinear, LowRankLinear
+from cospadi.layers.linear import DictLinear, LowRankLinear
 from cospadi.pipeline import compress_blocks
 
 RATIO = 0.3

@@ -17,8 +17,8 @@ from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausa
 
 import cospadi
 from cospadi import api, cli
-from cospadi.checkpoint import DESCRIPTION
-from cospadi.modules import DictLinear
+from cospadi.storage.checkpoint import DESCRIPTION
+from cospadi.layers.linear import DictLinear
 
 SEQ_LEN = 32
 TARGETS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",

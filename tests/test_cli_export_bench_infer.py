@@ -13,8 +13,10 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 import cospadi
-from cospadi import api, bench_infer, cli, infer_worker
-from cospadi.modules import DictLinear
+from cospadi import api, cli
+from cospadi.bench import infer as bench_infer
+from cospadi.bench import infer_worker
+from cospadi.layers.linear import DictLinear
 
 SEQ_LEN = 32
 

@@ -11,7 +11,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 from cospadi.data import calibration_windows, evaluation_windows, load_corpus, tokenize_corpus
 from cospadi.errors import CospadiError
-from cospadi.evaluate import perplexity
+from cospadi.evaluation.perplexity import perplexity
 
 BOS = 7
 

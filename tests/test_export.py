@@ -14,9 +14,9 @@ from transformers import (AutoModelForCausalLM, Gemma3ForCausalLM, Gemma3TextCon
 
 import cospadi
 from cospadi.errors import CospadiError
-from cospadi.export import densify, export_dense
+from cospadi.storage.export import densify, export_dense
 from cospadi.methods import SolverOptions
-from cospadi.modules import DictLinear, LowRankLinear
+from cospadi.layers.linear import DictLinear, LowRankLinear
 from cospadi.pipeline import compress_blocks
 
 COMMON = dict(vocab_size=300, hidden_size=64, intermediate_size=128, num_hidden_layers=2,

@@ -14,7 +14,7 @@ from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
 import cospadi
 from cospadi.errors import CospadiError
-from cospadi.hf_integration import replace_modules
+from cospadi.storage.hf_integration import replace_modules
 from cospadi.methods import SolverOptions
 from cospadi.pipeline import compress_blocks
 

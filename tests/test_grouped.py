@@ -13,7 +13,7 @@ from cospadi.budget import DictBudget, LowRankBudget, dict_budget, lowrank_budge
 from cospadi.errors import CospadiError
 from cospadi.groups import SHARED, block_groups, check_group_size, resolve_group_size
 from cospadi.methods import SolverOptions
-from cospadi.modules import DictLinear, LowRankLinear
+from cospadi.layers.linear import DictLinear, LowRankLinear
 from cospadi.pipeline import compress_blocks, unique_param_count
 from cospadi.solvers import (basis_sharing, cholesky_upper, cospadi, cospadi_grouped, mean_gram, output_error, svd_llm,
                              whiten)

@@ -9,12 +9,12 @@ import torch
 from safetensors import safe_open
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from cospadi.checkpoint import load, save
+from cospadi.storage.checkpoint import load, save
 from cospadi.errors import CospadiError
-from cospadi.folder_report import stored_linear_bytes
+from cospadi.storage.folder_report import stored_linear_bytes
 from cospadi.groups import SHARED
 from cospadi.pipeline import compress_blocks, unique_param_count
-from cospadi.sharing import factor_name, shared_factors
+from cospadi.storage.sharing import factor_name, shared_factors
 
 IDS = torch.randint(0, 200, (6, 20), generator=torch.Generator().manual_seed(2))
 

@@ -12,8 +12,8 @@ import torch
 import torch.nn.functional as F
 
 from cospadi import api, cli
-from cospadi.evaluate_lm_eval import evaluate_tasks
-from cospadi.lm_eval_tasks import LASTWORD, WORDPPL, lastword_passage, lastword_passages, write_tasks
+from cospadi.evaluation.lm_eval_runner import evaluate_tasks
+from cospadi.evaluation.lm_eval_tasks import LASTWORD, WORDPPL, lastword_passage, lastword_passages, write_tasks
 from test_cli import SEQ_LEN, files, parse_table, printed_rows  # noqa: F401  (fixtures)
 
 DOCS = [
@@ -185,7 +185,7 @@ def test_bad_bench_settings_exit_2_before_any_work(extra, word, files, tmp_path,
 
 
 def test_sweep_keys_name_the_lm_eval_settings_and_solver_options_name_only_dictionary_cells():
-    from cospadi.bench import Sweep
+    from cospadi.bench.sweep import Sweep
     from cospadi.methods import SolverOptions
 
     plain, other = Sweep(lastword_examples=0, wordppl_docs=0), Sweep(options=SolverOptions(sweeps=3, power_iters=1))

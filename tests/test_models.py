@@ -9,7 +9,7 @@ import pytest
 from cospadi import models
 from cospadi.data import evaluation_windows, load_corpus, tokenize_corpus
 from cospadi.errors import CospadiError
-from cospadi.evaluate import perplexity
+from cospadi.evaluation.perplexity import perplexity
 from cospadi.models import BuiltinModel, builtin_model_dir, load_model, needs_bos
 
 

@@ -8,9 +8,9 @@ import copy
 import pytest
 import torch
 
-from cospadi import kernels
+from cospadi.layers import kernels
 from cospadi.errors import CospadiError
-from cospadi.modules import DictLinear, LowRankLinear, forward_path
+from cospadi.layers.linear import DictLinear, LowRankLinear, forward_path
 from cospadi.solvers.factors import LowRankFactors, SparseDictFactors
 
 D1, D2, K, S = 48, 40, 20, 7
@@ -60,7 +60,7 @@ def test_every_path_matches_x_w_plus_b(shape, bias, dtype, coef_bits):
 
 def test_14_bit_values_are_the_truncated_bf16_values():
     full, packed = module(), module(coef_bits=14)
-    from cospadi.coefficients import truncate14
+    from cospadi.layers.coefficients import truncate14
 
     assert packed.coef_bits == 14 and "coefs" not in dict(packed.named_parameters())
     assert torch.equal(packed.values, truncate14(full.values).float())

@@ -13,7 +13,7 @@ from transformers import (Gemma3ForCausalLM, Gemma3TextConfig, GPT2Config, GPT2L
 from cospadi.adapters import adapter_for, decoder_layers
 from cospadi.errors import CospadiError
 from cospadi.methods import METHODS, SolverOptions, budget_for
-from cospadi.modules import DictLinear, LowRankLinear
+from cospadi.layers.linear import DictLinear, LowRankLinear
 from cospadi.pipeline import capture_block_inputs, compress_blocks
 
 RATIO = 0.3

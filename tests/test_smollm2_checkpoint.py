@@ -16,8 +16,8 @@ import cospadi
 from cospadi import api
 from cospadi.adapters import adapter_for, decoder_layers
 from cospadi.budget import dict_budget
-from cospadi.export import export_dense
-from cospadi.modules import DictLinear
+from cospadi.storage.export import export_dense
+from cospadi.layers.linear import DictLinear
 from cospadi.solvers.factors import SparseDictFactors
 
 

@@ -24,9 +24,9 @@ import torch
 
 from cospadi import api
 from cospadi.adapters import adapter_for
-from cospadi.evaluate import perplexity
+from cospadi.evaluation.perplexity import perplexity
 from cospadi.methods import METHODS, SolverOptions, budget_for
-from cospadi.modules import DictLinear, LowRankLinear
+from cospadi.layers.linear import DictLinear, LowRankLinear
 from cospadi.pipeline import compress_blocks
 
 RATIO = 0.3

@@ -1,11 +1,11 @@
 """cospadi: training-free compression of causal LMs with calibration-guided sparse
 dictionaries (CoSpaDi) and the low-rank baselines it is measured against."""
-from . import hf_integration  # noqa: F401  registers the "cospadi" quantizer with transformers
+from .storage import hf_integration  # noqa: F401  registers the "cospadi" quantizer with transformers
 from .api import calibration_ids, compress, evaluation_ids, perplexity_on_texts
-from .checkpoint import load, save, to_storage
+from .storage.checkpoint import load, save, to_storage
 from .data import load_corpus
 from .errors import CospadiError
-from .evaluate import perplexity
+from .evaluation.perplexity import perplexity
 from .models import load_model
 from .report import CompressionReport
 

@@ -11,7 +11,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from .budget import check_ratio
 from .data import calibration_windows, evaluation_windows, load_corpus, tokenize_corpus
-from .evaluate import perplexity
+from .evaluation.perplexity import perplexity
 from .groups import resolve_group_size
 from .methods import SolverOptions, check_method
 from .models import needs_bos

@@ -13,12 +13,17 @@ import transformers
 
 from pathlib import Path
 
-from . import api, bench, bench_infer, bench_plot, bench_solver, export
+from . import api
+from .bench import sweep as bench
+from .bench import infer as bench_infer
+from .bench import plot as bench_plot
+from .bench import solver as bench_solver
+from .storage import export
 from .budget import check_ratio
-from .checkpoint import DTYPES, parse_dtype, save
+from .storage.checkpoint import DTYPES, parse_dtype, save
 from .data import load_corpus
 from .errors import CospadiError
-from .evaluate import perplexity
+from .evaluation.perplexity import perplexity
 from .groups import resolve_group_size
 from .methods import METHODS, SolverOptions
 from .models import load_model
@@ -187,7 +192,7 @@ def run_eval(args: argparse.Namespace) -> list[dict]:
     _positive("--eval-windows", args.eval_windows)
     tasks = None
     if args.tasks is not None:
-        from .evaluate_lm_eval import require_lm_eval, parse_tasks
+        from .evaluation.lm_eval_runner import require_lm_eval, parse_tasks
 
         tasks = parse_tasks(args.tasks)
         for name in ("lastword_examples", "wordppl_docs", "batch_size"):
@@ -202,7 +207,7 @@ def run_eval(args: argparse.Namespace) -> list[dict]:
                                   progress=not args.quiet)
     row = {"model": args.model, "windows": f"{args.eval_windows} x {args.seq_len}", "token ppl": ppl}
     if tasks:
-        from .evaluate_lm_eval import evaluate_tasks
+        from .evaluation.lm_eval_runner import evaluate_tasks
 
         results = evaluate_tasks(model, tokenizer, tasks, eval_texts, batch_size=args.batch_size, limit=args.limit,
                                  lastword_examples=args.lastword_examples, wordppl_docs=args.wordppl_docs,
@@ -277,7 +282,7 @@ def run_export(args: argparse.Namespace) -> list[dict]:
 
 
 def run_bench_infer(args: argparse.Namespace) -> list[dict]:
-    """`cospadi bench-infer`: see bench_infer.py."""
+    """`cospadi bench-infer`: see bench/infer.py."""
     command = "cospadi " + " ".join(sys.argv[1:]) if sys.argv[1:2] == ["bench-infer"] else "cospadi bench-infer"
     return bench_infer.run(bench_infer.from_args(args), Path(args.work), Path(args.output), command,
                            progress=not args.quiet)

@@ -10,7 +10,7 @@ from torch import nn
 
 from .budget import DictBudget, LowRankBudget, check_rho, dict_budget, lowrank_budget
 from .errors import CospadiError
-from .modules import DictLinear, LowRankLinear
+from .layers.linear import DictLinear, LowRankLinear
 from .solvers import basis_sharing, cospadi, cospadi_grouped, svd, svd_llm
 from .solvers.dictionary import INITS, SOLVERS
 from .solvers.factors import LowRankFactors, SparseDictFactors

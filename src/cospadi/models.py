@@ -137,7 +137,7 @@ def load_model(
         path = Path(name_or_path).expanduser()
     if path.is_dir():
         if (path / "cospadi.json").is_file():
-            from .checkpoint import load as _load
+            from .storage.checkpoint import load as _load
 
             model, tokenizer = _load(path)
         else:

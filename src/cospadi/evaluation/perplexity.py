@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 from transformers import PreTrainedModel
 
-from .errors import CospadiError
+from ..errors import CospadiError
 
 
 def perplexity(

@@ -15,9 +15,9 @@ import tempfile
 
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from .errors import CospadiError
+from ..errors import CospadiError
 from .lm_eval_tasks import DEFAULT_LASTWORD_EXAMPLES, DEFAULT_WORDPPL_DOCS, LOCAL_TASKS, write_tasks
-from .models import needs_bos
+from ..models import needs_bos
 
 # lm-eval metric key -> our column name, in display order
 METRICS = {"acc,none": "acc", "acc_norm,none": "acc_norm", "perplexity,none": "target ppl",

@@ -34,10 +34,10 @@ from transformers.quantizers.auto import (
 from transformers.quantizers.base import HfQuantizer
 from transformers.utils.quantization_config import QuantizationConfigMixin
 
-from .bitmask import packed_size
-from .coefficients import check_coef_bits, packed14_size
-from .errors import CospadiError
-from .modules import DictLinear, LowRankLinear, compressed_modules
+from ..layers.bitmask import packed_size
+from ..layers.coefficients import check_coef_bits, packed14_size
+from ..errors import CospadiError
+from ..layers.linear import DictLinear, LowRankLinear, compressed_modules
 from .sharing import shared_factors, tie_shared
 
 QUANT_METHOD = "cospadi"

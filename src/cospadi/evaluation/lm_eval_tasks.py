@@ -20,7 +20,7 @@ import json
 import re
 from pathlib import Path
 
-from .errors import CospadiError
+from ..errors import CospadiError
 
 LASTWORD = "cospadi_lastword"
 WORDPPL = "cospadi_wordppl"

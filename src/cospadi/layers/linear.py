@@ -18,8 +18,8 @@ from torch import nn
 from . import kernels
 from .bitmask import mask_to_columns, packed_size, pattern_to_mask
 from .coefficients import check_coef_bits, pack14, packed14_size, unpack14
-from .errors import CospadiError
-from .solvers.factors import LowRankFactors, SparseDictFactors
+from ..errors import CospadiError
+from ..solvers.factors import LowRankFactors, SparseDictFactors
 
 
 class LowRankLinear(nn.Module):

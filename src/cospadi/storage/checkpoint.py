@@ -20,12 +20,12 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 
-from .coefficients import check_coef_bits
-from .errors import CospadiError
+from ..layers.coefficients import check_coef_bits
+from ..errors import CospadiError
 from .folder_checks import check_folder
 from .folder_report import render_report
 from .hf_integration import FORMAT_VERSION, CospadiConfig
-from .modules import DictLinear, compressed_modules
+from ..layers.linear import DictLinear, compressed_modules
 from .sharing import declared_for_saving
 
 DESCRIPTION = "cospadi.json"

@@ -7,7 +7,7 @@ import math
 import os
 from pathlib import Path
 
-from .errors import CospadiError
+from ..errors import CospadiError
 
 PANELS = (("token_ppl", "token perplexity", True), ("word_ppl", "word perplexity (lm-eval)", True),
           ("lastword_acc", "last-word accuracy", False))

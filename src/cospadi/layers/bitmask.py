@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from .errors import CospadiError
+from ..errors import CospadiError
 
 _SHIFTS = torch.arange(8, dtype=torch.uint8)
 

@@ -12,8 +12,8 @@ from torch import nn
 from transformers import PreTrainedModel
 
 from .checkpoint import atomic_folder, load, parse_dtype
-from .errors import CospadiError
-from .modules import compressed_modules
+from ..errors import CospadiError
+from ..layers.linear import compressed_modules
 
 
 @torch.no_grad()

@@ -7,7 +7,7 @@ import json
 import struct
 from pathlib import Path
 
-from .errors import CospadiError
+from ..errors import CospadiError
 from .hf_integration import QUANT_METHOD, CospadiConfig, stored_shapes
 
 INDEX = "model.safetensors.index.json"

@@ -16,8 +16,8 @@ from contextlib import contextmanager
 
 from torch import nn
 
-from .errors import CospadiError
-from .modules import DictLinear, LowRankLinear, compressed_modules
+from ..errors import CospadiError
+from ..layers.linear import DictLinear, LowRankLinear, compressed_modules
 
 
 def factor_name(module: nn.Module) -> str:

@@ -9,14 +9,14 @@ from pathlib import Path
 
 import torch
 
-from . import api
-from .adapters import adapter_for, decoder_layers
-from .budget import dict_budget, lowrank_budget
-from .errors import CospadiError
-from .methods import SolverOptions, factorize
-from .models import load_model
-from .pipeline import accumulate_grams, capture_block_inputs, run_block
-from .solvers import output_error, svd_llm
+from .. import api
+from ..adapters import adapter_for, decoder_layers
+from ..budget import dict_budget, lowrank_budget
+from ..errors import CospadiError
+from ..methods import SolverOptions, factorize
+from ..models import load_model
+from ..pipeline import accumulate_grams, capture_block_inputs, run_block
+from ..solvers import output_error, svd_llm
 
 
 CONFIGS: dict[str, SolverOptions] = {

@@ -1,6 +1,6 @@
 """Inference measurements for `cospadi bench-infer`, run in fresh processes:
 
-    python -m cospadi.infer_worker '{"mode": "speed" | "memory", ...}'
+    python -m cospadi.bench.infer_worker '{"mode": "speed" | "memory", ...}'
 
 prints one JSON line. "speed" loads every model of the run into one process and
 interleaves them (run 1 of each model, then run 2 of each, ...), so a change in the
@@ -22,9 +22,9 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from .checkpoint import parse_dtype
-from .hf_integration import realign
-from .modules import forward_path
+from ..storage.checkpoint import parse_dtype
+from ..storage.hf_integration import realign
+from ..layers.linear import forward_path
 
 
 def reset_peak_rss() -> bool:

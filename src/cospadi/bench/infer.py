@@ -21,18 +21,18 @@ from pathlib import Path
 
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from . import api
-from .bench import write_section
-from .budget import check_ratio
-from .checkpoint import atomic_folder, parse_dtype, save, to_storage
-from .coefficients import check_coef_bits
-from .data import load_corpus
-from .errors import CospadiError
-from .folder_checks import check_safetensors, read_config, weight_files
-from .kernels import SPARSE_MAX_ROWS
-from .methods import METHODS, SolverOptions, check_method
-from .models import load_model
-from .report import results_table
+from .. import api
+from .sweep import write_section
+from ..budget import check_ratio
+from ..storage.checkpoint import atomic_folder, parse_dtype, save, to_storage
+from ..layers.coefficients import check_coef_bits
+from ..data import load_corpus
+from ..errors import CospadiError
+from ..storage.folder_checks import check_safetensors, read_config, weight_files
+from ..layers.kernels import SPARSE_MAX_ROWS
+from ..methods import METHODS, SolverOptions, check_method
+from ..models import load_model
+from ..report import results_table
 
 TARGETS = {"linear bytes": 0.71, "decode": 1.0, "prefill": 0.8}  # vs dense, from the issue
 
@@ -125,7 +125,7 @@ def run_worker(spec: dict) -> dict:
     """infer_worker.measure(spec) in a fresh Python process; CospadiError with its last
     line of stderr when it fails."""
     env = dict(os.environ, HF_HUB_OFFLINE=os.environ.get("HF_HUB_OFFLINE", "1"))
-    done = subprocess.run([sys.executable, "-m", "cospadi.infer_worker", json.dumps(spec)], capture_output=True,
+    done = subprocess.run([sys.executable, "-m", "cospadi.bench.infer_worker", json.dumps(spec)], capture_output=True,
                           text=True, env=env)
     if done.returncode != 0:
         tail = done.stderr.strip().splitlines()[-1:] or ["no output"]

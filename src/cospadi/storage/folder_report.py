@@ -6,7 +6,7 @@ from collections import defaultdict
 
 from torch import nn
 
-from .modules import DictLinear, LowRankLinear, compressed_modules
+from ..layers.linear import DictLinear, LowRankLinear, compressed_modules
 
 
 def stored_linear_bytes(model: nn.Module) -> tuple[int, int]:

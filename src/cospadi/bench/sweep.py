@@ -1,6 +1,6 @@
 """`cospadi bench`: a methods x ratios sweep on one model with the same calibration and
 evaluation text for every cell. Per cell: token perplexity, lm-eval's word perplexity on
-held-out documents and last-word accuracy (the local lm-eval tasks, lm_eval_tasks.py),
+held-out documents and last-word accuracy (the local lm-eval tasks, evaluation/lm_eval_tasks.py),
 compression wall time and both ratio accountings. Each finished cell is cached as JSON
 under the run folder, so an interrupted sweep resumes where it stopped; the table goes
 into BENCHMARKS.md between markers that name the sweep, next to a PNG plot."""
@@ -15,16 +15,16 @@ from pathlib import Path
 
 import torch
 
-from . import api
-from .budget import check_ratio
-from .data import load_corpus
-from .evaluate import perplexity
-from .errors import CospadiError
-from .groups import check_group_size
-from .lm_eval_tasks import LASTWORD, WORDPPL
-from .models import load_model
-from .methods import SolverOptions
-from .report import results_table
+from .. import api
+from ..budget import check_ratio
+from ..data import load_corpus
+from ..evaluation.perplexity import perplexity
+from ..errors import CospadiError
+from ..groups import check_group_size
+from ..evaluation.lm_eval_tasks import LASTWORD, WORDPPL
+from ..models import load_model
+from ..methods import SolverOptions
+from ..report import results_table
 
 # bench label -> (method, shares across a group of blocks)
 BENCH_METHODS: dict[str, tuple[str, bool]] = {
@@ -91,7 +91,7 @@ class Sweep:
             if getattr(self, name) < 0:
                 raise CospadiError(f"--{name.replace('_', '-')} {getattr(self, name)} must be 0 (skip) or more")
         if self.tasks():
-            from .evaluate_lm_eval import require_lm_eval
+            from ..evaluation.lm_eval_runner import require_lm_eval
 
             require_lm_eval()  # fails now, with the pip command, when lm-eval is missing
 
@@ -152,7 +152,7 @@ def evaluate_cell(model, tokenizer, windows: torch.Tensor, eval_texts: list[str]
     accuracy on the held-out documents `eval_texts`, as the sweep asks."""
     out = {"token_ppl": perplexity(model, windows, progress=progress)}
     if sweep.tasks():
-        from .evaluate_lm_eval import evaluate_tasks
+        from ..evaluation.lm_eval_runner import evaluate_tasks
 
         results = evaluate_tasks(model, tokenizer, sweep.tasks(), eval_texts, lastword_examples=sweep.lastword_examples,
                                  wordppl_docs=sweep.wordppl_docs, quiet=not progress)

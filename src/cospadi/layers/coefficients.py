@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import torch
 
-from .errors import CospadiError
+from ..errors import CospadiError
 
 COEF_BITS = (None, 14)  # None: values kept at the module's dtype
 _GROUP_VALUES, _GROUP_BYTES = 4, 7  # 4 x 14 bits = 56 bits = 7 bytes
