@@ -196,3 +196,11 @@ def test_sweep_keys_name_the_lm_eval_settings_and_solver_options_name_only_dicti
     for label in ("cospadi", "cospadi-group"):
         assert other.cell_name(label, 0.3) != Sweep().cell_name(label, 0.3)
     assert Sweep().cell_name("cospadi-group", 0.3) == "cospadi-group-g2-rho2-ksvd-orthogonal-it0-sw8-p2-0.3.json"
+
+
+def test_plot_clips_collapsed_methods_to_the_top_edge():
+    from cospadi.bench.plot import clip_to_scale
+
+    points, off = clip_to_scale([(0.2, 30.0), (0.3, 2e8)], ceiling=1e4)
+    assert points == [(0.2, 30.0), (0.3, 1e4)] and off
+    assert clip_to_scale([(0.2, 30.0)], ceiling=1e4) == ([(0.2, 30.0)], False)

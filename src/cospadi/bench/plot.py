@@ -11,6 +11,7 @@ from ..errors import CospadiError
 
 PANELS = (("token_ppl", "token perplexity", True), ("word_ppl", "word perplexity (lm-eval)", True),
           ("lastword_acc", "last-word accuracy", False))
+OFF_SCALE = 1000.0  # log panels end at this multiple of the dense value; higher points sit on the edge
 STYLES = {"svd": ("tab:gray", "x"), "svd-llm": ("tab:blue", "s"), "basis-sharing": ("tab:green", "^"),
           "cospadi": ("tab:orange", "o"), "cospadi-group": ("tab:red", "D")}
 
@@ -23,10 +24,19 @@ def check_matplotlib() -> None:
         raise CospadiError("the bench plot needs matplotlib: pip install 'cospadi[plot]' (or pass --plot none)") from None
 
 
+def clip_to_scale(points: list[tuple[float, float]], ceiling: float) -> tuple[list[tuple[float, float]], bool]:
+    """(ratio, value) points with values above `ceiling` moved onto it, and whether any
+    was: a collapsed method (svd at 1e8) must not squeeze every other line together."""
+    clipped = [(x, min(y, ceiling)) for x, y in points]
+    return clipped, any(y > ceiling for _, y in points)
+
+
 def plot_sweep(rows: list[dict], path: str | Path, title: str) -> Path:
     """Draw the cells `rows` (bench.run_sweep's: dense first, then method x ratio with
     `method`, `ratio` and the PANELS measures) into the PNG `path`, written atomically.
-    Non-finite values (a diverged model) are left out of their line. Returns the path."""
+    Non-finite values (a diverged model) are left out of their line; on the log panels,
+    values above OFF_SCALE x dense are drawn on the top edge and the legend says so.
+    Returns the path."""
     check_matplotlib()
     import matplotlib
 
@@ -43,10 +53,15 @@ def plot_sweep(rows: list[dict], path: str | Path, title: str) -> Path:
                             and isinstance(r.get(key), (int, float)) and math.isfinite(r[key]))
             if points:
                 color, marker = STYLES.get(method, (None, "o"))
-                ax.plot(*zip(*points), marker=marker, color=color, label=method)
+                name = method
+                if log:
+                    points, off = clip_to_scale(points, OFF_SCALE * dense[key])
+                    name += f" (above {OFF_SCALE:g}x dense: on the top edge)" if off else ""
+                ax.plot(*zip(*points), marker=marker, color=color, label=name)
         ax.axhline(dense[key], color="black", linestyle="--", linewidth=1, label="dense")
         if log:
             ax.set_yscale("log")
+            ax.set_ylim(top=OFF_SCALE * dense[key] * 1.5)
         else:
             ax.set_ylim(bottom=0)
         ax.set_xticks(sorted({r["ratio"] for r in cells}))
