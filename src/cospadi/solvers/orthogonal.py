@@ -26,13 +26,13 @@ def polar(m: torch.Tensor) -> torch.Tensor:
     maximiser of trace(D^T M) over D^T D = I. Through the eigendecomposition of the small
     (k, k) M^T M in float64 (about twice as fast as an SVD of M); falls back to the SVD
     when M is close to rank-deficient, where that route loses accuracy."""
-    gram = (m.T @ m).to(torch.float64)
-    eigenvalues, vectors = torch.linalg.eigh(gram)
+    wide = m.to(torch.float64)  # M^T M squares M's condition number: form it in float64
+    eigenvalues, vectors = torch.linalg.eigh(wide.T @ wide)
     if not float(eigenvalues[0]) > 1e-10 * float(eigenvalues[-1]):
         left, _, right_h = torch.linalg.svd(m, full_matrices=False)
         return left @ right_h
     inverse_root = (vectors * eigenvalues.rsqrt()) @ vectors.T  # (M^T M)^{-1/2}
-    return m @ inverse_root.to(m.dtype)
+    return (wide @ inverse_root).to(m.dtype)
 
 
 def learn_orthogonal(signals: torch.Tensor, atoms: int, sparsity: int, iters: int, tol: float = 1e-4,
