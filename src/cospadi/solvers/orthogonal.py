@@ -21,20 +21,6 @@ def hard_threshold(coefficients: torch.Tensor, sparsity: int) -> tuple[torch.Ten
     return coefficients * support, support
 
 
-def polar(m: torch.Tensor) -> torch.Tensor:
-    """The orthonormal polar factor U V^T of M = U Sigma V^T (n, k), n >= k: the Procrustes
-    maximiser of trace(D^T M) over D^T D = I. Through the eigendecomposition of the small
-    (k, k) M^T M in float64 (about twice as fast as an SVD of M); falls back to the SVD
-    when M is close to rank-deficient, where that route loses accuracy."""
-    wide = m.to(torch.float64)  # M^T M squares M's condition number: form it in float64
-    eigenvalues, vectors = torch.linalg.eigh(wide.T @ wide)
-    if not float(eigenvalues[0]) > 1e-10 * float(eigenvalues[-1]):
-        left, _, right_h = torch.linalg.svd(m, full_matrices=False)
-        return left @ right_h
-    inverse_root = (vectors * eigenvalues.rsqrt()) @ vectors.T  # (M^T M)^{-1/2}
-    return (wide @ inverse_root).to(m.dtype)
-
-
 def learn_orthogonal(signals: torch.Tensor, atoms: int, sparsity: int, iters: int, tol: float = 1e-4,
                      init: torch.Tensor | None = None) -> DictionaryResult:
     """Minimise ||Y - D S||_F^2 with D (n, k) orthonormal and exactly s nonzeros per
@@ -53,7 +39,8 @@ def learn_orthogonal(signals: torch.Tensor, atoms: int, sparsity: int, iters: in
         history.append(energy - float((coef * coef).sum()))  # ||Y - D S||^2 for orthonormal D
         if len(history) > 1 and history[-2] - history[-1] <= tol * history[-2]:
             break
-        d = polar(y @ coef.T)
+        left, _, right_h = torch.linalg.svd(y @ coef.T, full_matrices=False)
+        d = left @ right_h
         coef, support = hard_threshold(d.T @ y, sparsity)
     history.append(energy - float((coef * coef).sum()))
     indices, values = sparse_from_dense(coef, support)
