@@ -95,9 +95,9 @@ def compare(matrices: dict[str, tuple[torch.Tensor, torch.Tensor]], names: list[
                 err = output_error(gram, weight, factors.weight())
                 cell.append({"matrix": name, "ratio": ratio, "solver": f"{label}: {describe_options(o)}",
                              "error": err, "x svd-llm": err / base, "seconds": seconds})
-            paper = next((r for r in cell if r["solver"].startswith("paper:")), None)
-            for r in cell:
-                if paper is not None:
+            if "paper" in configs:
+                paper = cell[1 + list(configs).index("paper")]
+                for r in cell:
                     r["error / paper"] = r["error"] / paper["error"]
                     r["speed-up vs paper"] = paper["seconds"] / r["seconds"]
             rows.extend(cell)
