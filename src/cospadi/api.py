@@ -47,7 +47,7 @@ def compress(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, texts: 
              input_ids: torch.Tensor | None = None, method: str = "cospadi", ratio: float = 0.3,
              calib_samples: int = DEFAULT_CALIB_SAMPLES, seq_len: int = DEFAULT_SEQ_LEN, batch_size: int = 8,
              progress: bool = True, workers: int | None = None, group_size: int | None = None,
-             **solver: object) -> tuple[PreTrainedModel, CompressionReport]:
+             resume_dir: str | None = None, **solver: object) -> tuple[PreTrainedModel, CompressionReport]:
     """Compress `model` in place: every q/k/v/o/gate/up/down linear of every block becomes
     a DictLinear (method "cospadi") or LowRankLinear ("svd", "svd-llm", "basis-sharing")
     removing `ratio` of its weights, calibrated on `calib_samples` windows of `seq_len`
@@ -56,7 +56,9 @@ def compress(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, texts: 
     (basis-sharing) per kind, o/down staying per layer; None: the method's default (2 for
     basis-sharing, else 1 = per layer). `solver` keywords are SolverOptions fields (rho,
     solver, iters, power_iters, sweeps, init, seed). Returns the same model object and a
-    CompressionReport."""
+    CompressionReport. `resume_dir`: save progress there after every block (or group) and
+    resume from it when it already holds progress of this same run (pipeline.compress_blocks).
+    """
     check_method(method)
     check_ratio(ratio)
     group_size = resolve_group_size(method, group_size)
@@ -64,7 +66,7 @@ def compress(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, texts: 
     if input_ids is None:
         input_ids = calibration_ids(model, tokenizer, texts, calib_samples, seq_len, options.seed)
     report = compress_blocks(model, input_ids, method, ratio, options, batch_size=batch_size, progress=progress,
-                             workers=workers, group_size=group_size)
+                             workers=workers, group_size=group_size, resume_dir=resume_dir)
     return model, report
 
 

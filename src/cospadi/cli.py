@@ -76,6 +76,8 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--batch-size", type=int, default=8, help="calibration windows per forward pass")
     c.add_argument("--out", default=None, help="save the compressed model to this folder")
     c.add_argument("--json", default=None, help="write the full report (per matrix) to this JSON file")
+    c.add_argument("--resume-dir", default=None,
+                   help="save progress here after every block; rerunning the same command resumes from it")
     c.add_argument("--dtype", default=None, choices=list(DTYPES),
                    help="storage dtype of --out (default: the model's own, so the reload is exact)")
     c.add_argument("--coef-bits", type=int, default=None, choices=[14],
@@ -158,7 +160,7 @@ def run_compress(args: argparse.Namespace) -> list[dict]:
     dense_ppl = _evaluate(model, windows, args, "dense perplexity")
     model, report = api.compress(model, tokenizer, input_ids=ids, method=args.method, ratio=args.ratio,
                                  batch_size=args.batch_size, progress=not args.quiet, workers=args.workers,
-                                 group_size=group_size, **asdict(options))
+                                 group_size=group_size, resume_dir=args.resume_dir, **asdict(options))
     ppl = _evaluate(model, windows, args, "compressed perplexity")
     row = _row(report, dense_ppl, ppl)
     if args.json:

@@ -15,6 +15,7 @@ import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -27,6 +28,7 @@ from .groups import block_groups, check_group_size, is_shared
 from .methods import (SolverOptions, budget_for, build_module, build_shared_modules, check_method,
                       factorize_group)
 from .report import CompressionReport, MatrixReport, peak_rss_mb
+from .resume import Progress, load_progress, restore_groups, run_fingerprint, save_group, save_progress
 from .solvers import output_error
 
 BlockKwargs = dict[int, dict]  # batch size -> keyword arguments of one block's forward
@@ -157,7 +159,8 @@ class _Job:
 
 def compress_blocks(model: PreTrainedModel, input_ids: torch.Tensor, method: str, ratio: float,
                     options: SolverOptions = SolverOptions(), batch_size: int = 8, progress: bool = True,
-                    workers: int | None = None, group_size: int = 1) -> CompressionReport:
+                    workers: int | None = None, group_size: int = 1,
+                    resume_dir: str | Path | None = None) -> CompressionReport:
     """Compress every target linear of every block of `model` in place with `method` at
     `ratio`, calibrated on `input_ids` (N, L). With group_size m > 1 (basis-sharing,
     cospadi), consecutive blocks form groups (groups.block_groups: a shorter last group
@@ -165,6 +168,8 @@ def compress_blocks(model: PreTrainedModel, input_ids: torch.Tensor, method: str
     o and down stay per layer. The jobs of a block (or group) are solved by `workers`
     threads at once (default: torch's thread count), each single-threaded: the solvers'
     many small batched operations use cores better side by side than split.
+    With `resume_dir`, progress is saved there after every group and a rerun of the same
+    run restores it and goes on (see resume.py; report.seconds then sums every attempt).
     Returns the report; the target linears become LowRankLinear or DictLinear modules
     (members of a shared job hold the same factor Parameter)."""
     check_method(method)
@@ -177,10 +182,22 @@ def compress_blocks(model: PreTrainedModel, input_ids: torch.Tensor, method: str
     report = CompressionReport(method, ratio, dict(vars(options)), unique_param_count(model),
                                calibration={"samples": int(input_ids.shape[0]), "seq_len": int(input_ids.shape[1])},
                                group_size=group_size)
+    folder = Path(resume_dir) if resume_dir is not None else None
+    if folder is not None:
+        fingerprint = run_fingerprint(model, layers, input_ids, dict(
+            method=method, ratio=ratio, options=vars(options), group_size=group_size, batch_size=batch_size))
     states, block_kwargs = capture_block_inputs(model, layers, input_ids, batch_size)
-    bar = tqdm(total=len(layers) * len(adapter.targets), desc=f"{method} @ {ratio}", unit="matrix",
-               disable=not progress)
-    for blocks in block_groups(len(layers), group_size):
+    groups = block_groups(len(layers), group_size)
+    done, seconds_before = 0, 0.0
+    saved = load_progress(folder, fingerprint, states[0].device) if folder is not None else None
+    if saved is not None:
+        restore_groups(folder, layers, groups, saved.done, states[0].device)
+        done, seconds_before, states, report.matrices = saved.done, saved.seconds, saved.states, saved.matrices
+    bar = tqdm(total=len(layers) * len(adapter.targets), initial=done * len(adapter.targets),
+               desc=f"{method} @ {ratio}", unit="matrix", disable=not progress)
+    for blocks in groups:
+        if blocks[-1] < done:
+            continue
         where = f"block {blocks[0] + 1}/{len(layers)}" if len(blocks) == 1 else \
             f"blocks {blocks[0] + 1}-{blocks[-1] + 1}/{len(layers)}"
         # A shared factor needs the Grams of every block of its group, so no block of a group
@@ -209,9 +226,13 @@ def compress_blocks(model: PreTrainedModel, input_ids: torch.Tensor, method: str
         del grams, jobs, solved, inputs
         for i in blocks:
             states = run_block(layers[i], states, block_kwargs[i])
+        if folder is not None:
+            save_group(folder, blocks[0], [layers[i] for i in blocks])
+            save_progress(folder, fingerprint, Progress(blocks[-1] + 1, states, report.matrices,
+                                                        seconds_before + time.perf_counter() - start))
     bar.close()
     report.matrices.sort(key=lambda m: (m.layer, adapter.targets.index(m.name)))
-    report.seconds = time.perf_counter() - start
+    report.seconds = seconds_before + time.perf_counter() - start
     report.peak_rss_mb = peak_rss_mb()
     return report
 
