@@ -77,8 +77,7 @@ def learn_dictionary(signals: torch.Tensor, atoms: int, sparsity: int, iters: in
     history: list[float] = []
 
     def update(residual: torch.Tensor) -> None:
-        for _ in range(sweeps):
-            _update_atoms(d, coef, support, residual, power_iters)
+        _update_atoms(d, coef, support, residual, power_iters, sweeps)
         history.append(float((residual * residual).sum()))
         if on_iter is not None:
             on_iter(len(history) - 1, history[-1])
@@ -102,15 +101,19 @@ def learn_dictionary(signals: torch.Tensor, atoms: int, sparsity: int, iters: in
 
 
 def _update_atoms(d: torch.Tensor, coef: torch.Tensor, support: torch.Tensor, residual: torch.Tensor,
-                  power_iters: int) -> None:
-    """K-SVD dictionary update in place, atom by atom. For atom i used by columns Omega:
+                  power_iters: int, sweeps: int = 1) -> None:
+    """`sweeps` K-SVD dictionary updates in place, atom by atom. For atom i used by columns Omega:
     E = residual[:, Omega] + d_i coef[i, Omega]; (d_i, coef[i, Omega]) <- best rank-1 fit
     of E found by power iteration from d_i; residual[:, Omega] <- E - d_i coef[i, Omega].
     An unused atom is re-seeded with the worst-fitted residual column (no code uses it,
-    so the objective is unchanged until the next sparse coding)."""
+    so the objective is unchanged until the next sparse coding). The support is fixed
+    throughout, so each atom's Omega is found once for all sweeps."""
+    if sweeps < 1:
+        return
     rt = residual.T.contiguous()  # columns of the residual as contiguous rows
-    for i in range(d.shape[1]):
-        omega = support[i].nonzero().squeeze(1)
+    omegas = [row.nonzero().squeeze(1) for row in support]
+    for i in [i for _ in range(sweeps) for i in range(d.shape[1])]:
+        omega = omegas[i]
         if omega.numel() == 0:
             worst = (rt * rt).sum(1).argmax()
             norm = rt[worst].norm()
