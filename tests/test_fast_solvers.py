@@ -112,6 +112,23 @@ def test_solver_options_reject_bad_combinations():
         SolverOptions(solver="magic")
     with pytest.raises(CospadiError, match="sweeps"):
         SolverOptions(sweeps=-1)
+    with pytest.raises(CospadiError, match="rounds"):
+        SolverOptions(rounds=0)
+
+
+@pytest.mark.parametrize("solver", ["orthogonal", "ksvd"])
+def test_rounds_caps_the_orthogonal_rounds(solver):
+    """More rounds never fit worse for the orthogonal solver (its objective is monotone);
+    for ksvd the cap changes the start, and 1 round is the SVD start's codes plus one round."""
+    w = torch.randn(40, 90, dtype=torch.float64, generator=torch.Generator().manual_seed(7))
+    gram = torch.eye(40, dtype=torch.float64)
+    budget = dict_budget(40, 90, 0.3)
+    errors = [output_error(gram, w, factorize("cospadi", w, gram, budget,
+                                              SolverOptions(solver=solver, rounds=r, sweeps=2)).weight())
+              for r in (1, 3, 25)]
+    assert errors[0] != errors[2]
+    if solver == "orthogonal":
+        assert errors[0] >= errors[1] >= errors[2]
 
 
 def test_whitened_learning_runs_on_the_whitened_weight():

@@ -21,6 +21,7 @@ from ..solvers import output_error, svd_llm
 
 CONFIGS: dict[str, SolverOptions] = {
     "default": SolverOptions(),
+    "default-40": SolverOptions(rounds=40),  # the default with a longer orthogonal start
     "paper": SolverOptions(solver="ksvd", init="random", iters=60, power_iters=8, sweeps=1),
     "orthogonal": SolverOptions(solver="orthogonal"),
     "single-step": SolverOptions(solver="single-step"),
@@ -29,9 +30,12 @@ CONFIGS: dict[str, SolverOptions] = {
 
 def describe_options(o: SolverOptions) -> str:
     """A short label of what a configuration runs."""
+    if o.solver == "orthogonal":
+        return f"orthogonal, {o.rounds} rounds"
     if o.solver != "ksvd":
         return o.solver
-    return f"ksvd {o.init} start, {o.iters} OMP alt., {o.sweeps} sweeps, {o.power_iters} power it."
+    start = f"orthogonal start ({o.rounds} rounds)" if o.init == "orthogonal" else f"{o.init} start"
+    return f"ksvd {start}, {o.iters} OMP alt., {o.sweeps} sweeps, {o.power_iters} power it."
 
 
 def block_matrices(model_name: str, block: int, calib_samples: int, seq_len: int, seed: int,

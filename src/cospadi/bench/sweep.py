@@ -72,7 +72,7 @@ class Sweep:
         methods their solver options."""
         method, grouped = BENCH_METHODS[label]
         o = self.options
-        solver = (f"-rho{o.rho:g}-{o.solver}-{o.init}-it{o.iters}-sw{o.sweeps}-p{o.power_iters}"
+        solver = (f"-rho{o.rho:g}-{o.solver}-{o.init}-r{o.rounds}-it{o.iters}-sw{o.sweeps}-p{o.power_iters}"
                   if method == "cospadi" else "")
         return f"{label}{f'-g{self.group_size}' if grouped else ''}{solver}-{ratio:g}.json"
 

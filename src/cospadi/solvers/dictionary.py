@@ -15,7 +15,7 @@ from .whitening import cholesky_upper, unwhiten, whiten
 
 
 INITS = ("orthogonal", "svd", "random")
-ORTHOGONAL_ROUNDS = 40  # at most; learn_orthogonal stops early when a round gains < 1e-4
+ORTHOGONAL_ROUNDS = 25  # default cap of the orthogonal rounds (they stop early when one gains < 1e-4)
 
 
 def initial_dictionary(signals: torch.Tensor, atoms: int, seed: int, init: str = "random") -> torch.Tensor:
@@ -42,7 +42,8 @@ def initial_dictionary(signals: torch.Tensor, atoms: int, seed: int, init: str =
 
 def learn_dictionary(signals: torch.Tensor, atoms: int, sparsity: int, iters: int,
                      power_iters: int = 8, seed: int = 42, init: str | torch.Tensor = "random", sweeps: int = 1,
-                     on_iter: Callable[[int, float], None] | None = None) -> DictionaryResult:
+                     on_iter: Callable[[int, float], None] | None = None,
+                     rounds: int = ORTHOGONAL_ROUNDS) -> DictionaryResult:
     """Minimise ||Y - D S||_F^2 over D (n, k) and S (k, m) with exactly s nonzeros per
     column of S. `iters` alternations of (1) Batch-OMP sparse coding and (2) `sweeps`
     K-SVD sweeps over the atoms, each atom's rank-1 fit taken by `power_iters` power
@@ -51,8 +52,8 @@ def learn_dictionary(signals: torch.Tensor, atoms: int, sparsity: int, iters: in
     the paper's solver.
 
     init: "random" (k seeded random columns), "svd" (top singular vectors), "orthogonal"
-    (learn_orthogonal's dictionary *and codes*: its sweeps run before the first OMP, and
-    iters may be 0), or an (n, k) tensor. "orthogonal" needs k <= n and falls back to
+    (learn_orthogonal's dictionary *and codes* after at most `rounds` rounds: its sweeps
+    run before the first OMP, and iters may be 0), or an (n, k) tensor. "orthogonal" needs k <= n and falls back to
     "svd" otherwise.
 
     The objective never increases: a column whose new OMP code fits worse than its
@@ -66,7 +67,7 @@ def learn_dictionary(signals: torch.Tensor, atoms: int, sparsity: int, iters: in
     elif init == "orthogonal" and atoms <= y.shape[0]:
         from .orthogonal import learn_orthogonal
 
-        start = learn_orthogonal(y, atoms, sparsity, ORTHOGONAL_ROUNDS)
+        start = learn_orthogonal(y, atoms, sparsity, rounds)
         d = start.dictionary
         support = torch.zeros(atoms, y.shape[1], dtype=torch.bool, device=y.device).scatter_(0, start.indices, True)
         coef = torch.zeros(atoms, y.shape[1], dtype=y.dtype, device=y.device).scatter_(0, start.indices, start.values)
@@ -141,12 +142,13 @@ SOLVERS = ("ksvd", "orthogonal", "single-step")
 def cospadi(weight: torch.Tensor, gram: torch.Tensor, budget: DictBudget, solver: str = "ksvd", iters: int = 60,
             power_iters: int = 8, seed: int = 42, init: str = "random", sweeps: int = 1,
             dtype: torch.dtype = torch.float32,
-            on_iter: Callable[[int, float], None] | None = None) -> SparseDictFactors:
+            on_iter: Callable[[int, float], None] | None = None,
+            rounds: int = ORTHOGONAL_ROUNDS) -> SparseDictFactors:
     """CoSpaDi factors of W (d1, d2) under the calibration Gram G (d1, d1): learn (D_L, S)
     on L W with L^T L = G, then D = L^{-1} D_L by a triangular solve, so the factors
     minimise ||X (W - D S)||_F. `solver`: "ksvd" (learn_dictionary with iters, power_iters,
-    init, sweeps; the defaults here are the paper's), "orthogonal" (learn_orthogonal,
-    needs k <= d1) or "single-step". Learning runs in `dtype`; returns a float64
+    init, sweeps, rounds; the defaults here are the paper's), "orthogonal" (learn_orthogonal
+    for at most `rounds` rounds, needs k <= d1) or "single-step". Learning runs in `dtype`; returns a float64
     dictionary (d1, k) and values (s, d2), indices (s, d2)."""
     if solver not in SOLVERS:
         raise ValueError(f"solver must be one of {SOLVERS}")
@@ -162,11 +164,11 @@ def cospadi(weight: torch.Tensor, gram: torch.Tensor, budget: DictBudget, solver
     whitened = whitened.to(dtype)
     if solver == "ksvd":
         result = learn_dictionary(whitened, budget.atoms, budget.sparsity, iters, power_iters, seed, init, sweeps,
-                                  on_iter)
+                                  on_iter, rounds)
     elif solver == "orthogonal":
         from .orthogonal import learn_orthogonal
 
-        result = learn_orthogonal(whitened, budget.atoms, budget.sparsity, ORTHOGONAL_ROUNDS)
+        result = learn_orthogonal(whitened, budget.atoms, budget.sparsity, rounds)
     else:
         from .orthogonal import single_step
 

@@ -49,7 +49,7 @@ def cospadi_grouped(weights: Sequence[torch.Tensor], grams: Sequence[torch.Tenso
     """CoSpaDi factors of m weights W_l (d1, d2) under their Grams G_l (d1, d1) with one
     shared dictionary: learn (D_L, S) on [L_bar W_1 ... L_bar W_m] (d1, m d2) with the
     cospadi() learner (`solver` keywords are cospadi()'s: solver, iters, power_iters, seed,
-    init, sweeps, dtype, on_iter), unwhiten D = L_bar^{-1} D_L once, and give member l the
+    init, sweeps, dtype, on_iter, rounds), unwhiten D = L_bar^{-1} D_L once, and give member l the
     columns l d2 ... (l + 1) d2 - 1 of S. `budget` = dict_budget(d1, d2, ratio, rho,
     members=m). Returns m SparseDictFactors whose `dictionary` is the SAME (d1, k)
     float64 tensor object; indices/values (s, d2) each. m = 1 gives cospadi() exactly."""
