@@ -285,3 +285,21 @@ def test_saved_folder_has_ordinary_permissions(tmp_path):
     assert (tmp_path / "out").stat().st_mode & 0o777 == 0o777 & ~umask
     for path in (tmp_path / "out").iterdir():
         assert path.stat().st_mode & 0o777 == 0o666 & ~umask, path.name
+
+
+def test_float32_load_of_a_compact_folder_releases_the_weight_file(tmp_path):
+    """Loading a bf16 / 14-bit folder at float32 converts every float tensor; the bitmask
+    and packed values are copied too, so no tensor keeps the memory-mapped file (and all
+    its pages) alive. The reload still matches the saved model."""
+    from cospadi.storage.hf_integration import _mapped_weight_files, release_weight_files
+
+    model, report = compressed("llama", "cospadi")
+    cospadi.save(model, None, tmp_path / "out", report.to_dict(), dtype="bfloat16", coef_bits=14)
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "out", dtype=torch.float32)
+    ranges = _mapped_weight_files()
+    inside = [name for name, t in list(loaded.named_parameters()) + list(loaded.named_buffers())
+              if any(low <= t.data_ptr() < high for low, high in ranges)]
+    assert inside == []
+    assert release_weight_files(loaded) == 0  # nothing left to copy
+    reference, _ = cospadi.load(tmp_path / "out", dtype="float32")
+    assert torch.equal(logits(loaded, ids(3)), logits(reference, ids(3)))
