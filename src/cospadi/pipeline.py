@@ -183,6 +183,7 @@ def compress_blocks(model: PreTrainedModel, input_ids: torch.Tensor, method: str
                                calibration={"samples": int(input_ids.shape[0]), "seq_len": int(input_ids.shape[1])},
                                group_size=group_size)
     folder = Path(resume_dir) if resume_dir is not None else None
+    fingerprint = ""
     if folder is not None:
         fingerprint = run_fingerprint(model, layers, input_ids, dict(
             method=method, ratio=ratio, options=vars(options), group_size=group_size, batch_size=batch_size))
