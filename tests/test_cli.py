@@ -128,7 +128,7 @@ def parse_table(text: str) -> list[dict[str, str]]:
 def compress_args(files, out=None, json_path=None, **overrides) -> list[str]:
     options = {"--model": str(files["model"]), "--data": str(files["txt"]), "--method": "cospadi",
                "--iters": "2", "--ratio": "0.3", "--calib-samples": "4", "--seq-len": str(SEQ_LEN),
-               "--eval-windows": "2", "--batch-size": "2"}
+               "--eval-windows": "2", "--batch-size": "2", "--rounds": "7"}
     options.update({k: str(v) for k, v in overrides.items()})
     argv = ["compress"] + [item for pair in options.items() for item in pair] + ["--quiet"]
     if out is not None:
@@ -197,6 +197,7 @@ def test_compress_json_has_one_entry_per_compressed_linear(compressed_run):
     assert summary["method"] == report["method"] == "cospadi"
     assert report["ratio"] == 0.3
     assert report["calibration"] == {"samples": 4, "seq_len": SEQ_LEN}
+    assert report["options"]["rounds"] == 7  # --rounds reaches the solver options
     matrices = report["matrices"]
     assert len(matrices) == LAYERS * len(TARGETS)
     assert {(m["layer"], m["name"]) for m in matrices} == {(i, n) for i in range(LAYERS) for n in TARGETS}
@@ -241,6 +242,7 @@ BAD_COMPRESS = {
     "rho-negative": {"--rho": -1},
     "method-foo": {"--method": "foo"},
     "iters-negative": {"--iters": -1},
+    "rounds-0": {"--rounds": 0},
     "missing-model": {"--model": "MISSING"},
     "gpt2": {"--model": "GPT2"},
     "nan-weights": {"--model": "NAN"},
@@ -250,7 +252,7 @@ BAD_COMPRESS = {
 }
 EXPECTED_WORDS = {
     "ratio-0": "ratio", "ratio-1": "ratio", "ratio-1.5": "ratio", "rho-0": "rho", "rho-negative": "rho",
-    "method-foo": "unknown method", "iters-negative": "iters", "missing-model": "does not exist",
+    "method-foo": "unknown method", "iters-negative": "iters", "rounds-0": "rounds", "missing-model": "does not exist",
     "gpt2": "not supported", "nan-weights": "non-finite", "too-little-text": "calibration",
     "csv-data": "extension", "missing-data": "does not exist",
 }
