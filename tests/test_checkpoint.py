@@ -16,7 +16,7 @@ from transformers import (AutoModelForCausalLM, Gemma3ForCausalLM, Gemma3TextCon
                           Qwen3ForCausalLM)
 
 import cospadi
-from cospadi.storage.checkpoint import DESCRIPTION, REPORT, atomic_folder
+from cospadi.storage.checkpoint import DESCRIPTION, REPORT, atomic_file, atomic_folder
 from cospadi.errors import CospadiError
 from cospadi.storage.folder_checks import check_safetensors
 from cospadi.storage.hf_integration import FORMAT_VERSION
@@ -228,6 +228,20 @@ def test_atomic_folder_success_and_failure(tmp_path):
     assert sorted(p.name for p in out.iterdir()) == ["a.txt"]
     assert (out / "a.txt").read_text() == "a"
     assert sorted(p.name for p in out.parent.iterdir()) == ["dest"]
+
+
+def test_atomic_file_success_and_failure(tmp_path):
+    out = tmp_path / "nested" / "cell.json"
+    with atomic_file(out) as tmp:
+        assert tmp.parent == out.parent and not out.exists()
+        tmp.write_text("first")
+    assert out.read_text() == "first"
+    with pytest.raises(RuntimeError, match="boom"):
+        with atomic_file(out) as tmp:
+            tmp.write_text("half")
+            raise RuntimeError("boom")
+    assert out.read_text() == "first"
+    assert sorted(p.name for p in out.parent.iterdir()) == ["cell.json"]
 
 
 def test_atomic_folder_refuses_a_file_destination(tmp_path):

@@ -119,7 +119,7 @@ def test_solver_options_reject_bad_combinations():
 @pytest.mark.parametrize("solver", ["orthogonal", "ksvd"])
 def test_rounds_caps_the_orthogonal_rounds(solver):
     """More rounds never fit worse for the orthogonal solver (its objective is monotone);
-    for ksvd the cap changes the start, and 1 round is the SVD start's codes plus one round."""
+    for ksvd the cap reaches the orthogonal start: 1 round and 25 give different factors."""
     w = torch.randn(40, 90, dtype=torch.float64, generator=torch.Generator().manual_seed(7))
     gram = torch.eye(40, dtype=torch.float64)
     budget = dict_budget(40, 90, 0.3)

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -25,6 +24,7 @@ from torch import nn
 
 from .errors import CospadiError
 from .report import MatrixReport
+from .storage.checkpoint import atomic_file
 
 PROGRESS_FILE = "progress.pt"
 FORMAT = 1
@@ -56,22 +56,28 @@ def run_fingerprint(model: nn.Module, layers: nn.ModuleList, input_ids: torch.Te
     return digest.hexdigest()
 
 
-def _atomic_save(obj: object, path: Path) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
+def _save(obj: object, path: Path) -> None:
+    with atomic_file(path) as tmp:
+        torch.save(obj, tmp)
+
+
+def _load(path: Path, folder: Path, device: torch.device) -> object:
+    """torch.load of one of the folder's files; CospadiError when it cannot be read."""
+    try:
+        return torch.load(path, map_location=device, weights_only=False)
+    except Exception as exc:  # missing, truncated or foreign
+        raise CospadiError(f"cannot read {path} ({type(exc).__name__}); delete the folder {folder} to start "
+                           "over") from exc
 
 
 def save_group(folder: Path, first: int, blocks: list[nn.Module]) -> None:
     """Write a finished group's compressed blocks (first block index `first`)."""
-    folder.mkdir(parents=True, exist_ok=True)
-    _atomic_save(blocks, folder / f"group-{first:03d}.pt")
+    _save(blocks, folder / f"group-{first:03d}.pt")
 
 
 def save_progress(folder: Path, fingerprint: str, progress: Progress) -> None:
     """Commit `progress` (call after save_group of the groups it counts as done)."""
-    folder.mkdir(parents=True, exist_ok=True)
-    _atomic_save({"format": FORMAT, "fingerprint": fingerprint, "done": progress.done,
+    _save({"format": FORMAT, "fingerprint": fingerprint, "done": progress.done,
                   "states": progress.states, "matrices": [asdict(m) for m in progress.matrices],
                   "seconds": progress.seconds}, folder / PROGRESS_FILE)
 
@@ -82,12 +88,8 @@ def load_progress(folder: Path, fingerprint: str, device: torch.device) -> Progr
     path = folder / PROGRESS_FILE
     if not path.exists():
         return None
-    try:
-        saved = torch.load(path, map_location=device, weights_only=False)
-    except Exception as exc:  # a truncated or foreign file
-        raise CospadiError(f"cannot read {path} ({type(exc).__name__}); delete the folder {folder} to start over") \
-            from exc
-    if saved.get("format") != FORMAT or saved.get("fingerprint") != fingerprint:
+    saved = _load(path, folder, device)
+    if not isinstance(saved, dict) or saved.get("format") != FORMAT or saved.get("fingerprint") != fingerprint:
         raise CospadiError(f"{folder} holds the progress of a different run (other model, data, method, ratio or "
                            "options); pass another --resume-dir or delete it")
     return Progress(saved["done"], saved["states"], [MatrixReport(**m) for m in saved["matrices"]], saved["seconds"])
@@ -101,11 +103,7 @@ def restore_groups(folder: Path, layers: nn.ModuleList, groups: list[list[int]],
         if blocks[-1] >= done:
             break
         path = folder / f"group-{blocks[0]:03d}.pt"
-        try:
-            saved = torch.load(path, map_location=device, weights_only=False)
-        except Exception as exc:
-            raise CospadiError(f"cannot read {path} ({type(exc).__name__}); delete the folder {folder} to start "
-                               "over") from exc
+        saved = _load(path, folder, device)
         if len(saved) != len(blocks):
             raise CospadiError(f"{path} holds {len(saved)} blocks, expected {len(blocks)}; delete {folder}")
         for i, block in zip(blocks, saved):

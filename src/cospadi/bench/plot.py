@@ -4,10 +4,10 @@ perplexity, word perplexity, last-word accuracy on a linear scale)."""
 from __future__ import annotations
 
 import math
-import os
 from pathlib import Path
 
 from ..errors import CospadiError
+from ..storage.checkpoint import atomic_file
 
 PANELS = (("token_ppl", "token perplexity", True), ("word_ppl", "word perplexity (lm-eval)", True),
           ("lastword_acc", "last-word accuracy", False))
@@ -72,12 +72,9 @@ def plot_sweep(rows: list[dict], path: str | Path, title: str) -> Path:
     fig.suptitle(title, fontsize=10)
     fig.tight_layout()
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
     try:
-        fig.savefig(tmp, dpi=110, format="png")
-        os.replace(tmp, path)
+        with atomic_file(path) as tmp:
+            fig.savefig(tmp, dpi=110, format="png")
     finally:
         plt.close(fig)
-        tmp.unlink(missing_ok=True)
     return path

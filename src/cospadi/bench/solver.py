@@ -17,6 +17,7 @@ from ..methods import SolverOptions, factorize
 from ..models import load_model
 from ..pipeline import accumulate_grams, capture_block_inputs, run_block
 from ..solvers import output_error, svd_llm
+from ..storage.checkpoint import atomic_file
 
 
 CONFIGS: dict[str, SolverOptions] = {
@@ -58,10 +59,8 @@ def block_matrices(model_name: str, block: int, calib_samples: int, seq_len: int
         grams = accumulate_grams(layers[block], adapter, states, kwargs[block])
     out = {name: (layers[block].get_submodule(name).weight.detach().T.clone(), grams[group])
            for group in adapter.groups for name in group}
-    cache.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    torch.save(out, tmp)
-    tmp.replace(path)
+    with atomic_file(path) as tmp:
+        torch.save(out, tmp)
     return out
 
 

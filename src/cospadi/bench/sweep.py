@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -25,6 +24,7 @@ from ..evaluation.lm_eval_tasks import LASTWORD, WORDPPL
 from ..models import load_model
 from ..methods import SolverOptions
 from ..report import results_table
+from ..storage.checkpoint import atomic_file
 
 # bench label -> (method, shares across a group of blocks)
 BENCH_METHODS: dict[str, tuple[str, bool]] = {
@@ -97,9 +97,8 @@ class Sweep:
 
 
 def _write_json(path: Path, data: dict) -> None:
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(data, indent=1))
-    os.replace(tmp, path)
+    with atomic_file(path) as tmp:
+        tmp.write_text(json.dumps(data, indent=1))
 
 
 def run_sweep(sweep: Sweep, cache: Path, progress: bool = True) -> list[dict]:
@@ -200,9 +199,8 @@ def write_section(path: Path, name: str, body: str) -> None:
         text = text[: text.index(start)] + block + text[text.index(end) + len(end):]
     else:
         text = text.rstrip("\n") + "\n\n" + block + "\n"
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+    with atomic_file(path) as tmp:
+        tmp.write_text(text)
 
 
 def describe(sweep: Sweep, command: str, rows: list[dict] | None = None) -> str:
