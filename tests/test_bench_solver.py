@@ -24,7 +24,8 @@ def argv(files, tmp_path, *extra):  # noqa: F811
 def test_bench_solver_rows_cache_and_relative_columns(files, tmp_path, printed_rows, monkeypatch):  # noqa: F811
     calls: list[int] = []
     real = bench_solver.time_solver
-    monkeypatch.setattr(bench_solver, "time_solver", lambda solve, repeats: calls.append(repeats) or real(solve, repeats))
+    monkeypatch.setattr(bench_solver, "time_solver",
+                        lambda solve, repeats, device: calls.append(repeats) or real(solve, repeats, device))
     assert cli.main(argv(files, tmp_path)) == 0
     rows = printed_rows[-1]
     assert [(r["matrix"], r["ratio"], r["solver"].split(":")[0]) for r in rows] == [

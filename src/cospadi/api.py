@@ -47,7 +47,8 @@ def compress(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, texts: 
              input_ids: torch.Tensor | None = None, method: str = "cospadi", ratio: float = 0.3,
              calib_samples: int = DEFAULT_CALIB_SAMPLES, seq_len: int = DEFAULT_SEQ_LEN, batch_size: int = 8,
              progress: bool = True, workers: int | None = None, group_size: int | None = None,
-             resume_dir: str | None = None, **solver: object) -> tuple[PreTrainedModel, CompressionReport]:
+             resume_dir: str | None = None, device: str | torch.device | None = None,
+             **solver: object) -> tuple[PreTrainedModel, CompressionReport]:
     """Compress `model` in place: every q/k/v/o/gate/up/down linear of every block becomes
     a DictLinear (method "cospadi") or LowRankLinear ("svd", "svd-llm", "basis-sharing")
     removing `ratio` of its weights, calibrated on `calib_samples` windows of `seq_len`
@@ -58,6 +59,8 @@ def compress(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, texts: 
     solver, iters, power_iters, sweeps, init, seed). Returns the same model object and a
     CompressionReport. `resume_dir`: save progress there after every block (or group) and
     resume from it when it already holds progress of this same run (pipeline.compress_blocks).
+    `device` ("auto", "cpu", "cuda", "cuda:N"; None: the model's own): where calibration
+    and the solvers run, one block at a time, the model itself staying where it is.
     """
     check_method(method)
     check_ratio(ratio)
@@ -66,7 +69,7 @@ def compress(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, texts: 
     if input_ids is None:
         input_ids = calibration_ids(model, tokenizer, texts, calib_samples, seq_len, options.seed)
     report = compress_blocks(model, input_ids, method, ratio, options, batch_size=batch_size, progress=progress,
-                             workers=workers, group_size=group_size, resume_dir=resume_dir)
+                             workers=workers, group_size=group_size, resume_dir=resume_dir, device=device)
     return model, report
 
 

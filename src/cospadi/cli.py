@@ -22,6 +22,7 @@ from .storage import export
 from .budget import check_ratio
 from .storage.checkpoint import DTYPES, parse_dtype, save
 from .data import load_corpus
+from .devices import resolve_device, visiting
 from .errors import CospadiError
 from .evaluation.perplexity import perplexity
 from .groups import resolve_group_size
@@ -56,6 +57,11 @@ def _add_solver_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--workers", type=int, default=None, help="matrices solved at once (default: torch threads)")
 
 
+def _add_device_arg(p: argparse.ArgumentParser, what: str) -> None:
+    p.add_argument("--device", default="auto",
+                   help=f"where {what} runs: auto (CUDA when present, else CPU), cpu, cuda or cuda:N")
+
+
 def _solver_options(args: argparse.Namespace) -> SolverOptions:
     return SolverOptions(rho=args.rho, solver=args.solver, iters=args.iters, power_iters=args.power_iters,
                          sweeps=args.sweeps, init=args.init, seed=args.seed, rounds=args.rounds)
@@ -74,6 +80,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "paper: 2); a last group is shorter when it does not divide the blocks")
     c.add_argument("--ratio", type=float, default=0.3, help="fraction of each linear's weights removed, in (0, 1)")
     _add_solver_args(c)
+    _add_device_arg(c, "calibration, the solvers and evaluation (the model itself stays on the CPU; one block at a "
+                       "time visits the device)")
     c.add_argument("--calib-samples", type=int, default=api.DEFAULT_CALIB_SAMPLES,
                    help="calibration windows (paper: 256)")
     c.add_argument("--batch-size", type=int, default=8, help="calibration windows per forward pass")
@@ -116,8 +124,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--output", default="BENCHMARKS.md", help="Markdown file to write the table into")
     s.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     s.add_argument("--quiet", action="store_true", help="no progress bars")
+    _add_device_arg(s, "the solvers")
     e = sub.add_parser("eval", help="perplexity (and lm-eval tasks) of a model or of a saved cospadi output folder")
     _add_text_args(e)
+    _add_device_arg(e, "the model")
     e.add_argument("--tasks", default=None,
                    help="comma-separated lm-eval tasks run zero-shot on the model in memory: any lm-eval task "
                         "(arc_easy,piqa,... need the network) or the offline ones built from the held-out text, "
@@ -154,17 +164,19 @@ def run_compress(args: argparse.Namespace) -> list[dict]:
     for name in ("calib_samples", "seq_len", "batch_size"):
         _positive("--" + name.replace("_", "-"), getattr(args, name))
     parse_dtype(args.dtype)
+    device = resolve_device(args.device)
     group_size = resolve_group_size(args.method, args.group_size)
     calib_texts, eval_texts = load_corpus(args.data)
     model, tokenizer = load_model(args.model)
     ids = api.calibration_ids(model, tokenizer, calib_texts, args.calib_samples, args.seq_len, args.seed)
     windows = api.evaluation_ids(model, tokenizer, eval_texts, args.seq_len, args.eval_windows) \
         if args.eval_windows else None
-    dense_ppl = _evaluate(model, windows, args, "dense perplexity")
+    dense_ppl = _evaluate(model, windows, device, args, "dense perplexity")
     model, report = api.compress(model, tokenizer, input_ids=ids, method=args.method, ratio=args.ratio,
                                  batch_size=args.batch_size, progress=not args.quiet, workers=args.workers,
-                                 group_size=group_size, resume_dir=args.resume_dir, **asdict(options))
-    ppl = _evaluate(model, windows, args, "compressed perplexity")
+                                 group_size=group_size, resume_dir=args.resume_dir, device=device,
+                                 **asdict(options))
+    ppl = _evaluate(model, windows, device, args, "compressed perplexity")
     row = _row(report, dense_ppl, ppl)
     if args.json:
         with open(args.json, "w") as fh:
@@ -175,10 +187,13 @@ def run_compress(args: argparse.Namespace) -> list[dict]:
     return [row]
 
 
-def _evaluate(model, windows: torch.Tensor | None, args: argparse.Namespace, desc: str) -> float | None:
+def _evaluate(model, windows: torch.Tensor | None, device: torch.device, args: argparse.Namespace,
+              desc: str) -> float | None:
+    """Perplexity on `windows` with the whole model visiting `device`; None without windows."""
     if windows is None:
         return None
-    return perplexity(model, windows, progress=not args.quiet, desc=desc)
+    with visiting(model, device):
+        return perplexity(model, windows, progress=not args.quiet, desc=desc)
 
 
 def _row(report: CompressionReport, dense_ppl: float | None, ppl: float | None) -> dict:
@@ -205,8 +220,10 @@ def run_eval(args: argparse.Namespace) -> list[dict]:
         if args.limit is not None:
             _positive("--limit", args.limit)
         require_lm_eval()
+    device = resolve_device(args.device)
     _, eval_texts = load_corpus(args.data)
     model, tokenizer = load_model(args.model)
+    model.to(device)
     start = time.perf_counter()
     ppl = api.perplexity_on_texts(model, tokenizer, eval_texts, args.seq_len, args.eval_windows,
                                   progress=not args.quiet)
@@ -263,18 +280,26 @@ def run_bench_solver(args: argparse.Namespace) -> list[dict]:
     _positive("--repeats", args.repeats)
     _positive("--paper-repeats", args.paper_repeats)
     ratios = _ratios(args.ratios)
+    device = resolve_device(args.device)
     matrices = bench_solver.block_matrices(args.model, args.block, args.calib_samples, args.seq_len, args.seed,
                                            Path(args.cache))
     rows = bench_solver.compare(matrices, args.matrices.split(","), ratios,
                                 {c: bench_solver.CONFIGS[c] for c in args.configs.split(",")}, args.repeats,
-                                args.paper_repeats)
+                                args.paper_repeats, device)
     header = (f"Block {args.block} of `{args.model}`, Grams from {args.calib_samples} x {args.seq_len} calibration "
               f"tokens; error = ||X(W - W')|| / ||X W||; seconds = median of {args.repeats} "
               f"runs (paper reference: {args.paper_repeats}); "
-              f"{torch.get_num_threads()} threads.\n\nReproduce: `cospadi {' '.join(sys.argv[1:]) or 'bench-solver'}`\n")
+              f"{_where(device)}.\n\nReproduce: `cospadi {' '.join(sys.argv[1:]) or 'bench-solver'}`\n")
     name = f"solver-{Path(args.model).name}-block{args.block}-{args.ratios}-{args.configs}"
     bench.write_section(Path(args.output), name, header + "\n" + results_table(rows))
     return rows
+
+
+def _where(device: torch.device) -> str:
+    """What the solvers ran on, for a benchmark's header."""
+    if device.type == "cuda":
+        return f"on {torch.cuda.get_device_name(device)}"
+    return f"on {device.type.upper()}, {torch.get_num_threads()} threads"
 
 
 def run_export(args: argparse.Namespace) -> list[dict]:

@@ -23,6 +23,7 @@ from tqdm.auto import tqdm
 from transformers import PreTrainedModel
 
 from .adapters import Adapter, adapter_for, decoder_layers
+from .devices import resolve_device, to_device
 from .errors import CospadiError
 from .groups import block_groups, check_group_size, is_shared
 from .methods import (SolverOptions, budget_for, build_module, build_shared_modules, check_method,
@@ -160,7 +161,7 @@ class _Job:
 def compress_blocks(model: PreTrainedModel, input_ids: torch.Tensor, method: str, ratio: float,
                     options: SolverOptions = SolverOptions(), batch_size: int = 8, progress: bool = True,
                     workers: int | None = None, group_size: int = 1,
-                    resume_dir: str | Path | None = None) -> CompressionReport:
+                    resume_dir: str | Path | None = None, device: str | torch.device | None = None) -> CompressionReport:
     """Compress every target linear of every block of `model` in place with `method` at
     `ratio`, calibrated on `input_ids` (N, L). With group_size m > 1 (basis-sharing,
     cospadi), consecutive blocks form groups (groups.block_groups: a shorter last group
@@ -170,6 +171,11 @@ def compress_blocks(model: PreTrainedModel, input_ids: torch.Tensor, method: str
     many small batched operations use cores better side by side than split.
     With `resume_dir`, progress is saved there after every group and a rerun of the same
     run restores it and goes on (see resume.py; report.seconds then sums every attempt).
+    `device` (devices.resolve_device; None: the model's own): where calibration and the
+    solvers run. The model stays where it is; each group of blocks visits `device` while it
+    is calibrated, solved and run, then goes back (GPTQ-style offloading: only the embeddings'
+    first pass and one group of blocks need to fit). On CUDA the jobs run one at a time
+    unless `workers` says otherwise.
     Returns the report; the target linears become LowRankLinear or DictLinear modules
     (members of a shared job hold the same factor Parameter)."""
     check_method(method)
@@ -177,7 +183,9 @@ def compress_blocks(model: PreTrainedModel, input_ids: torch.Tensor, method: str
     adapter = adapter_for(model)
     layers = decoder_layers(model)
     check_weights(model, adapter, layers)
-    workers = max(1, workers or torch.get_num_threads())
+    home = next(model.parameters()).device
+    target = resolve_device(device) or home
+    workers = max(1, workers or (1 if target.type != "cpu" else torch.get_num_threads()))
     start = time.perf_counter()
     report = CompressionReport(method, ratio, dict(vars(options)), unique_param_count(model),
                                calibration={"samples": int(input_ids.shape[0]), "seq_len": int(input_ids.shape[1])},
@@ -185,14 +193,18 @@ def compress_blocks(model: PreTrainedModel, input_ids: torch.Tensor, method: str
     folder = Path(resume_dir) if resume_dir is not None else None
     fingerprint = ""
     if folder is not None:
-        fingerprint = run_fingerprint(model, layers, input_ids, dict(
-            method=method, ratio=ratio, options=vars(options), group_size=group_size, batch_size=batch_size))
+        settings = dict(method=method, ratio=ratio, options=vars(options), group_size=group_size,
+                        batch_size=batch_size)
+        if target.type != "cpu":  # an accelerator's arithmetic differs slightly: do not mix it into a CPU run
+            settings["device"] = target.type
+        fingerprint = run_fingerprint(model, layers, input_ids, settings)
     states, block_kwargs = capture_block_inputs(model, layers, input_ids, batch_size)
+    states, block_kwargs = to_device(states, target), to_device(block_kwargs, target)
     groups = block_groups(len(layers), group_size)
     done, seconds_before = 0, 0.0
-    saved = load_progress(folder, fingerprint, states[0].device) if folder is not None else None
+    saved = load_progress(folder, fingerprint, target) if folder is not None else None
     if saved is not None:
-        restore_groups(folder, layers, groups, saved.done, states[0].device)
+        restore_groups(folder, layers, groups, saved.done, home)
         done, seconds_before, states, report.matrices = saved.done, saved.seconds, saved.states, saved.matrices
     bar = tqdm(total=len(layers) * len(adapter.targets), initial=done * len(adapter.targets),
                desc=f"{method} @ {ratio}", unit="matrix", disable=not progress)
@@ -212,6 +224,8 @@ def compress_blocks(model: PreTrainedModel, input_ids: torch.Tensor, method: str
         # and dense linears inside a block and cost an extra pass per block: not done.
         # Memory: the group's Grams (m blocks) and one block's activations at a time.
         bar.set_postfix_str(f"{where}: calibrating")
+        for i in blocks:
+            layers[i].to(target)
         grams: dict[int, dict[tuple[str, ...], torch.Tensor]] = {}
         inputs = states
         for position, i in enumerate(blocks):
@@ -227,6 +241,8 @@ def compress_blocks(model: PreTrainedModel, input_ids: torch.Tensor, method: str
         del grams, jobs, solved, inputs
         for i in blocks:
             states = run_block(layers[i], states, block_kwargs[i])
+        for i in blocks:
+            layers[i].to(home)
         if folder is not None:
             save_group(folder, blocks[0], [layers[i] for i in blocks])
             save_progress(folder, fingerprint, Progress(blocks[-1] + 1, states, report.matrices,

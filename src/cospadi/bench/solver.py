@@ -11,6 +11,7 @@ import torch
 
 from .. import api
 from ..adapters import adapter_for, decoder_layers
+from ..devices import synchronize
 from ..budget import dict_budget, lowrank_budget
 from ..errors import CospadiError
 from ..methods import SolverOptions, factorize
@@ -64,37 +65,42 @@ def block_matrices(model_name: str, block: int, calib_samples: int, seq_len: int
     return out
 
 
-def time_solver(solve, repeats: int) -> tuple[object, float]:
-    """(result of the last call, median wall seconds over `repeats` calls)."""
+def time_solver(solve, repeats: int, device: torch.device = torch.device("cpu")) -> tuple[object, float]:
+    """(result of the last call, median wall seconds over `repeats` calls), each timed
+    until `device` has finished its queued work."""
     times, result = [], None
     for _ in range(repeats):
+        synchronize(device)
         start = time.perf_counter()
         result = solve()
+        synchronize(device)
         times.append(time.perf_counter() - start)
     return result, statistics.median(times)
 
 
 def compare(matrices: dict[str, tuple[torch.Tensor, torch.Tensor]], names: list[str], ratios: list[float],
-            configs: dict[str, SolverOptions], repeats: int, paper_repeats: int | None = None) -> list[dict]:
+            configs: dict[str, SolverOptions], repeats: int, paper_repeats: int | None = None,
+            device: torch.device = torch.device("cpu")) -> list[dict]:
     """One row per (matrix, ratio, solver): relative whitened error and median seconds
     (`paper_repeats` timed runs for the "paper" reference, which is slow; `repeats` for
-    the rest). svd-llm rows are the low-rank reference at the same ratio. With "paper"
-    among `configs`, every row also gets its error and speed relative to that reference."""
+    the rest), every solver running on `device`. svd-llm rows are the low-rank reference
+    at the same ratio. With "paper" among `configs`, every row also gets its error and
+    speed relative to that reference."""
     rows = []
     for name in names:
         if name not in matrices:
             raise CospadiError(f"unknown matrix {name!r}; choose from {', '.join(matrices)}")
-        weight, gram = matrices[name]
+        weight, gram = (t.to(device) for t in matrices[name])
         d1, d2 = weight.shape
         for ratio in ratios:
-            factors, seconds = time_solver(lambda: svd_llm(weight, gram, lowrank_budget(d1, d2, ratio)), repeats)
+            factors, seconds = time_solver(lambda: svd_llm(weight, gram, lowrank_budget(d1, d2, ratio)), repeats, device)
             base = output_error(gram, weight, factors.weight())
             cell = [{"matrix": name, "ratio": ratio, "solver": "svd-llm", "error": base, "x svd-llm": 1.0,
                      "seconds": seconds}]
             for label, o in configs.items():
                 budget = dict_budget(d1, d2, ratio, o.rho)
                 runs = paper_repeats if label == "paper" and paper_repeats else repeats
-                factors, seconds = time_solver(lambda: factorize("cospadi", weight, gram, budget, o), runs)
+                factors, seconds = time_solver(lambda: factorize("cospadi", weight, gram, budget, o), runs, device)
                 err = output_error(gram, weight, factors.weight())
                 cell.append({"matrix": name, "ratio": ratio, "solver": f"{label}: {describe_options(o)}",
                              "error": err, "x svd-llm": err / base, "seconds": seconds})
