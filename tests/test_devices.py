@@ -4,27 +4,16 @@ and the moving of nested calibration state on any machine."""
 
 import pytest
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM
 
 from cospadi.cli import main
 from cospadi.devices import resolve_device, to_device, visiting
 from cospadi.errors import CospadiError
 from cospadi.methods import SolverOptions
 from cospadi.pipeline import compress_blocks
+from test_resume import OPTIONS, build, ids
 
 CUDA = torch.cuda.is_available()
 needs_cuda = pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU")
-CONFIG = dict(vocab_size=300, hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4,
-              num_key_value_heads=2, head_dim=16, max_position_embeddings=64)
-
-
-def build() -> LlamaForCausalLM:
-    torch.manual_seed(0)
-    return LlamaForCausalLM(LlamaConfig(**CONFIG)).eval()
-
-
-def ids() -> torch.Tensor:
-    return torch.randint(0, 300, (6, 24), generator=torch.Generator().manual_seed(1))
 
 
 def test_resolve_device_names():
@@ -77,11 +66,14 @@ def test_visiting_returns_the_module_home_even_after_an_error():
 def test_cuda_compression_matches_cpu_and_leaves_the_model_on_the_cpu(method, group_size, tmp_path):
     """The same pipeline on CUDA tensors: blocks visit the GPU one group at a time and come
     back; the factors agree with the CPU run up to float rounding (same seeds, same
-    algorithm); a resumable CUDA run resumes."""
-    options = SolverOptions(sweeps=2)
+    algorithm); a resumable CUDA run resumes, but not from a CPU run's folder."""
     cpu, gpu = build(), build()
-    ref = compress_blocks(cpu, ids(), method, 0.4, options, batch_size=3, progress=False, group_size=group_size)
-    got = compress_blocks(gpu, ids(), method, 0.4, options, batch_size=3, progress=False, group_size=group_size,
+    ref = compress_blocks(cpu, ids(), method, 0.4, OPTIONS, batch_size=3, progress=False, group_size=group_size,
+                          resume_dir=tmp_path / "cpu")
+    with pytest.raises(CospadiError, match="different run"):  # a CPU run's folder is not resumed on CUDA
+        compress_blocks(build(), ids(), method, 0.4, OPTIONS, batch_size=3, progress=False, group_size=group_size,
+                        device="cuda", resume_dir=tmp_path / "cpu")
+    got = compress_blocks(gpu, ids(), method, 0.4, OPTIONS, batch_size=3, progress=False, group_size=group_size,
                           device="cuda", resume_dir=tmp_path / "resume")
     assert all(p.device.type == "cpu" for p in gpu.parameters())
     assert all(b.device.type == "cpu" for b in gpu.buffers())
@@ -92,7 +84,7 @@ def test_cuda_compression_matches_cpu_and_leaves_the_model_on_the_cpu(method, gr
         a, b = cpu(ids()[:2]).logits, gpu(ids()[:2]).logits
     assert (a - b).norm() / a.norm() < 0.05
     again = build()
-    resumed = compress_blocks(again, ids(), method, 0.4, options, batch_size=3, progress=False,
+    resumed = compress_blocks(again, ids(), method, 0.4, OPTIONS, batch_size=3, progress=False,
                               group_size=group_size, device="cuda", resume_dir=tmp_path / "resume")
     assert [m.output_error for m in resumed.matrices] == [m.output_error for m in got.matrices]
 

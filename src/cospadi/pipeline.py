@@ -23,7 +23,7 @@ from tqdm.auto import tqdm
 from transformers import PreTrainedModel
 
 from .adapters import Adapter, adapter_for, decoder_layers
-from .devices import resolve_device, to_device
+from .devices import resolve_device, to_device, visiting
 from .errors import CospadiError
 from .groups import block_groups, check_group_size, is_shared
 from .methods import (SolverOptions, budget_for, build_module, build_shared_modules, check_method,
@@ -193,11 +193,10 @@ def compress_blocks(model: PreTrainedModel, input_ids: torch.Tensor, method: str
     folder = Path(resume_dir) if resume_dir is not None else None
     fingerprint = ""
     if folder is not None:
-        settings = dict(method=method, ratio=ratio, options=vars(options), group_size=group_size,
-                        batch_size=batch_size)
-        if target.type != "cpu":  # an accelerator's arithmetic differs slightly: do not mix it into a CPU run
-            settings["device"] = target.type
-        fingerprint = run_fingerprint(model, layers, input_ids, settings)
+        # the device type too: CPU and CUDA arithmetic differ slightly, so their blocks must not mix
+        fingerprint = run_fingerprint(model, layers, input_ids, dict(
+            method=method, ratio=ratio, options=vars(options), group_size=group_size, batch_size=batch_size,
+            device=target.type))
     states, block_kwargs = capture_block_inputs(model, layers, input_ids, batch_size)
     states, block_kwargs = to_device(states, target), to_device(block_kwargs, target)
     groups = block_groups(len(layers), group_size)
@@ -224,25 +223,23 @@ def compress_blocks(model: PreTrainedModel, input_ids: torch.Tensor, method: str
         # and dense linears inside a block and cost an extra pass per block: not done.
         # Memory: the group's Grams (m blocks) and one block's activations at a time.
         bar.set_postfix_str(f"{where}: calibrating")
-        for i in blocks:
-            layers[i].to(target)
-        grams: dict[int, dict[tuple[str, ...], torch.Tensor]] = {}
-        inputs = states
-        for position, i in enumerate(blocks):
-            last = position == len(blocks) - 1
-            grams[i], inputs = calibrate_block(layers[i], adapter, inputs, block_kwargs[i], keep_outputs=not last)
-        jobs = _jobs(layers, blocks, adapter, grams)
-        bar.set_postfix_str(f"{where}: solving")
-        solved = _solve_all(jobs, method, ratio, options, workers, bar.update)
-        for job in jobs:  # swap in the adapter's order, deterministically
-            for (i, name), (module, matrix) in zip(job.members, solved[id(job)]):
-                layers[i].set_submodule(name, module)
-                report.matrices.append(MatrixReport(layer=i, name=name, **matrix))
-        del grams, jobs, solved, inputs
-        for i in blocks:
-            states = run_block(layers[i], states, block_kwargs[i])
-        for i in blocks:
-            layers[i].to(home)
+        with visiting(nn.ModuleList(layers[i] for i in blocks), target):  # back home afterwards, also on errors
+            grams: dict[int, dict[tuple[str, ...], torch.Tensor]] = {}
+            inputs = states
+            for position, i in enumerate(blocks):
+                last = position == len(blocks) - 1
+                grams[i], inputs = calibrate_block(layers[i], adapter, inputs, block_kwargs[i],
+                                                   keep_outputs=not last)
+            jobs = _jobs(layers, blocks, adapter, grams)
+            bar.set_postfix_str(f"{where}: solving")
+            solved = _solve_all(jobs, method, ratio, options, workers, bar.update)
+            for job in jobs:  # swap in the adapter's order, deterministically
+                for (i, name), (module, matrix) in zip(job.members, solved[id(job)]):
+                    layers[i].set_submodule(name, module)
+                    report.matrices.append(MatrixReport(layer=i, name=name, **matrix))
+            del grams, jobs, solved, inputs
+            for i in blocks:
+                states = run_block(layers[i], states, block_kwargs[i])
         if folder is not None:
             save_group(folder, blocks[0], [layers[i] for i in blocks])
             save_progress(folder, fingerprint, Progress(blocks[-1] + 1, states, report.matrices,
