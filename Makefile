@@ -6,7 +6,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 export HF_HUB_OFFLINE ?= 1
 
-.PHONY: setup demo test bench clean
+.PHONY: setup demo test lint bench clean
 
 $(BIN)/.installed: pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
@@ -24,6 +24,10 @@ demo: setup
 
 test: setup
 	$(BIN)/python -m pytest -q
+
+lint: setup  # ruff (rules in pyproject.toml) and mypy on the modules it lists
+	$(BIN)/ruff check .
+	$(BIN)/mypy
 
 bench: setup
 	$(BIN)/cospadi bench --model smollm2-135m --methods svd,svd-llm,basis-sharing,cospadi,cospadi-group --ratios 0.2,0.3,0.4,0.5

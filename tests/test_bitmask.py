@@ -9,9 +9,9 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from cospadi.errors import CospadiError
 from cospadi.layers.bitmask import mask_to_columns, pack_bits, packed_size, pattern_to_mask, unpack_bits
 from cospadi.layers.coefficients import pack14, packed14_size, truncate14, unpack14
-from cospadi.errors import CospadiError
 
 
 @st.composite

@@ -1,4 +1,4 @@
-"""Saving and reloading compressed models (checkpoint.py, hf_integration.py): for every
+"""Saving and reloading compressed models (checkpoint.py, config.py, quantizer.py): for every
 supported family (tiny random Llama with tied embeddings, Mistral, Qwen2 with q/k/v
 biases, Qwen3, Gemma3 with sliding layers) and both module types, a saved folder
 rebuilds, through `cospadi.load` and through plain `AutoModelForCausalLM.from_pretrained`,
@@ -11,45 +11,26 @@ import os
 
 import pytest
 import torch
-from transformers import (AutoModelForCausalLM, Gemma3ForCausalLM, Gemma3TextConfig, LlamaConfig, LlamaForCausalLM,
-                          MistralConfig, MistralForCausalLM, Qwen2Config, Qwen2ForCausalLM, Qwen3Config,
-                          Qwen3ForCausalLM)
+from transformers import AutoModelForCausalLM
 
 import cospadi
-from cospadi.storage.checkpoint import DESCRIPTION, REPORT, atomic_file, atomic_folder
 from cospadi.errors import CospadiError
-from cospadi.storage.folder_checks import check_safetensors
-from cospadi.storage.hf_integration import FORMAT_VERSION
-from cospadi.methods import SolverOptions
+from cospadi.files import atomic_file, atomic_folder
 from cospadi.layers.linear import DictLinear, LowRankLinear
-from cospadi.pipeline import compress_blocks
+from cospadi.pipeline import Recipe, compress_blocks
+from cospadi.solvers import SolverOptions
+from cospadi.storage.checkpoint import DESCRIPTION, REPORT
+from cospadi.storage.config import FORMAT_VERSION
+from cospadi.storage.folder_checks import check_safetensors
 
 RATIO = 0.3
 OPTIONS = SolverOptions(iters=2)
-VOCAB = 300
-COMMON = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-              num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=64)
+VOCAB = 300  # conftest.py's SMALL vocabulary
 TARGETS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
            "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
 FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "gemma3")
-
-
-def build(family: str) -> torch.nn.Module:
-    torch.manual_seed(0)
-    if family == "llama":  # tied embeddings, like SmolLM2
-        model = LlamaForCausalLM(LlamaConfig(**COMMON, tie_word_embeddings=True))
-    elif family == "mistral":
-        model = MistralForCausalLM(MistralConfig(**COMMON))
-    elif family == "qwen2":  # q/k/v biases, untied head
-        model = Qwen2ForCausalLM(Qwen2Config(**COMMON, tie_word_embeddings=False))
-    elif family == "qwen3":
-        model = Qwen3ForCausalLM(Qwen3Config(**COMMON))
-    elif family == "gemma3":
-        model = Gemma3ForCausalLM(Gemma3TextConfig(**COMMON, sliding_window=8, query_pre_attn_scalar=16,
-                                                   layer_types=["sliding_attention", "full_attention"]))
-    else:
-        raise ValueError(family)
-    return model.eval()
+# llama with tied embeddings, like SmolLM2; qwen2 (q/k/v biases) with an untied head
+TIED = {"llama": dict(tie_word_embeddings=True), "qwen2": dict(tie_word_embeddings=False)}
 
 
 def ids(seed: int, rows: int = 4, length: int = 24) -> torch.Tensor:
@@ -61,21 +42,35 @@ def logits(model: torch.nn.Module, input_ids: torch.Tensor) -> torch.Tensor:
     return model(input_ids=input_ids, use_cache=False).logits
 
 
-def compress(family: str, method: str):
-    """A fresh (model, report) compressed with `method`."""
-    model = build(family)
-    report = compress_blocks(model, ids(1, rows=8), method, RATIO, OPTIONS, batch_size=4, progress=False)
-    return model, report
+@pytest.fixture(scope="module")
+def build(tiny_model):
+    """Factory: a fresh tiny model of `family` (tiny_model, with TIED's embeddings)."""
+    def make(family: str) -> torch.nn.Module:
+        return tiny_model(family, **TIED.get(family, {}))
+    return make
 
 
-_COMPRESSED: dict[tuple[str, str], tuple] = {}
+@pytest.fixture(scope="module")
+def compress(build, calibration_ids):
+    """Factory: a fresh (model, report) of `family` compressed with `method`."""
+    def make(family: str, method: str):
+        model = build(family)
+        report = compress_blocks(model, calibration_ids, Recipe(method, RATIO, OPTIONS), batch_size=4, progress=False)
+        return model, report
+    return make
 
 
-def compressed(family: str, method: str):
-    """(model, report) compressed once per (family, method); tests must not mutate it."""
-    if (family, method) not in _COMPRESSED:
-        _COMPRESSED[(family, method)] = compress(family, method)
-    return _COMPRESSED[(family, method)]
+@pytest.fixture(scope="module")
+def compressed(compress):
+    """Factory: (model, report) compressed once per (family, method) in this module;
+    tests must not mutate it."""
+    cache: dict[tuple[str, str], tuple] = {}
+
+    def get(family: str, method: str):
+        if (family, method) not in cache:
+            cache[(family, method)] = compress(family, method)
+        return cache[(family, method)]
+    return get
 
 
 def assert_same_model(loaded: torch.nn.Module, model: torch.nn.Module) -> None:
@@ -94,7 +89,7 @@ def assert_same_model(loaded: torch.nn.Module, model: torch.nn.Module) -> None:
 
 @pytest.mark.parametrize("method", ["svd-llm", "cospadi"])
 @pytest.mark.parametrize("family", FAMILIES)
-def test_round_trip_both_ways_is_bit_identical(family, method, tmp_path):
+def test_round_trip_both_ways_is_bit_identical(family, method, tmp_path, compressed):
     model, report = compressed(family, method)
     out = tmp_path / "out"
     returned = cospadi.save(model, None, out, report.to_dict())
@@ -129,7 +124,7 @@ def test_round_trip_both_ways_is_bit_identical(family, method, tmp_path):
 
 
 @pytest.mark.parametrize("dtype,coef_bits", [("bfloat16", 14), ("bfloat16", None), ("float16", 14)])
-def test_compact_storage_round_trips_bit_identically(dtype, coef_bits, tmp_path):
+def test_compact_storage_round_trips_bit_identically(dtype, coef_bits, tmp_path, compress):
     model, report = compress("llama", "cospadi")
     full_bytes = sum(t.numel() * t.element_size() for k, t in model.state_dict().items() if "layers" in k)
     cospadi.save(model, None, tmp_path / "out", report.to_dict(), dtype=dtype, coef_bits=coef_bits,
@@ -154,7 +149,7 @@ def test_compact_storage_round_trips_bit_identically(dtype, coef_bits, tmp_path)
         assert "14 bits" in (tmp_path / "out" / REPORT).read_text()
 
 
-def test_load_with_another_dtype(tmp_path):
+def test_load_with_another_dtype(tmp_path, compressed):
     model, report = compressed("qwen2", "cospadi")
     cospadi.save(model, None, tmp_path / "out", report.to_dict())
     loaded, _ = cospadi.load(tmp_path / "out", dtype="bfloat16")
@@ -164,7 +159,7 @@ def test_load_with_another_dtype(tmp_path):
     assert float((close - logits(model, ids(3))).norm() / logits(model, ids(3)).norm()) < 0.05
 
 
-def test_generate_runs_on_the_reloaded_model(tmp_path):
+def test_generate_runs_on_the_reloaded_model(tmp_path, compressed):
     model, report = compressed("llama", "cospadi")
     cospadi.save(model, None, tmp_path / "out", report.to_dict())
     loaded, _ = cospadi.load(tmp_path / "out")
@@ -173,7 +168,7 @@ def test_generate_runs_on_the_reloaded_model(tmp_path):
     assert torch.equal(loaded.generate(prompt, **kwargs), model.generate(prompt, **kwargs))
 
 
-def test_load_model_routes_cospadi_folders_to_checkpoint_load(tmp_path):
+def test_load_model_routes_cospadi_folders_to_checkpoint_load(tmp_path, compressed):
     model, report = compressed("llama", "cospadi")
     cospadi.save(model, None, tmp_path / "out", report.to_dict())
     loaded, tokenizer = cospadi.load_model(str(tmp_path / "out"))
@@ -182,13 +177,13 @@ def test_load_model_routes_cospadi_folders_to_checkpoint_load(tmp_path):
     assert torch.equal(logits(loaded, ids(8)), logits(model, ids(8)))
 
 
-def test_saving_a_model_without_compressed_modules_is_refused(tmp_path):
+def test_saving_a_model_without_compressed_modules_is_refused(tmp_path, build):
     with pytest.raises(CospadiError, match="no compressed modules"):
         cospadi.save(build("llama"), None, tmp_path / "out")
     assert list(tmp_path.iterdir()) == []
 
 
-def test_bad_storage_options_are_refused_before_writing(tmp_path):
+def test_bad_storage_options_are_refused_before_writing(tmp_path, compressed):
     model, report = compressed("llama", "svd-llm")
     with pytest.raises(CospadiError, match="dtype 'int8'"):
         cospadi.save(model, None, tmp_path / "out", dtype="int8")
@@ -197,7 +192,7 @@ def test_bad_storage_options_are_refused_before_writing(tmp_path):
     assert list(tmp_path.iterdir()) == []
 
 
-def test_save_over_an_existing_folder_replaces_it_and_leaves_no_leftovers(tmp_path):
+def test_save_over_an_existing_folder_replaces_it_and_leaves_no_leftovers(tmp_path, compressed):
     model, report = compressed("qwen2", "svd-llm")
     out = tmp_path / "out"
     out.mkdir()
@@ -220,11 +215,10 @@ def test_atomic_folder_success_and_failure(tmp_path):
     assert (out / "a.txt").read_text() == "a"
     assert sorted(p.name for p in out.parent.iterdir()) == ["dest"]
 
-    with pytest.raises(RuntimeError, match="boom"):
-        with atomic_folder(out) as tmp:
-            (tmp / "a.txt").write_text("b")
-            (tmp / "b.txt").write_text("b")
-            raise RuntimeError("boom")
+    with pytest.raises(RuntimeError, match="boom"), atomic_folder(out) as tmp:
+        (tmp / "a.txt").write_text("b")
+        (tmp / "b.txt").write_text("b")
+        raise RuntimeError("boom")
     assert sorted(p.name for p in out.iterdir()) == ["a.txt"]
     assert (out / "a.txt").read_text() == "a"
     assert sorted(p.name for p in out.parent.iterdir()) == ["dest"]
@@ -236,10 +230,9 @@ def test_atomic_file_success_and_failure(tmp_path):
         assert tmp.parent == out.parent and not out.exists()
         tmp.write_text("first")
     assert out.read_text() == "first"
-    with pytest.raises(RuntimeError, match="boom"):
-        with atomic_file(out) as tmp:
-            tmp.write_text("half")
-            raise RuntimeError("boom")
+    with pytest.raises(RuntimeError, match="boom"), atomic_file(out) as tmp:
+        tmp.write_text("half")
+        raise RuntimeError("boom")
     assert out.read_text() == "first"
     assert sorted(p.name for p in out.parent.iterdir()) == ["cell.json"]
 
@@ -247,9 +240,8 @@ def test_atomic_file_success_and_failure(tmp_path):
 def test_atomic_folder_refuses_a_file_destination(tmp_path):
     target = tmp_path / "file"
     target.write_text("keep me")
-    with pytest.raises(CospadiError, match="not a folder"):
-        with atomic_folder(target):
-            pass
+    with pytest.raises(CospadiError, match="not a folder"), atomic_folder(target):
+        pass
     assert target.read_text() == "keep me"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["file"]
 
@@ -266,7 +258,7 @@ def _fail_midway(model, monkeypatch):
     monkeypatch.setattr(model, "save_pretrained", save_then_fail)
 
 
-def test_failed_save_leaves_no_destination_and_no_temporary_folder(tmp_path, monkeypatch):
+def test_failed_save_leaves_no_destination_and_no_temporary_folder(tmp_path, monkeypatch, compressed):
     model, report = compressed("llama", "svd-llm")
     _fail_midway(model, monkeypatch)
     out = tmp_path / "out"
@@ -276,7 +268,7 @@ def test_failed_save_leaves_no_destination_and_no_temporary_folder(tmp_path, mon
     assert list(tmp_path.iterdir()) == []
 
 
-def test_failed_save_leaves_an_existing_destination_untouched(tmp_path, monkeypatch):
+def test_failed_save_leaves_an_existing_destination_untouched(tmp_path, monkeypatch, compressed):
     cospadi_model, report = compressed("llama", "cospadi")
     out = tmp_path / "out"
     cospadi.save(cospadi_model, None, out, report.to_dict())
@@ -291,7 +283,7 @@ def test_failed_save_leaves_an_existing_destination_untouched(tmp_path, monkeypa
     assert isinstance(loaded.model.layers[0].self_attn.q_proj, DictLinear)
 
 
-def test_saved_folder_has_ordinary_permissions(tmp_path):
+def test_saved_folder_has_ordinary_permissions(tmp_path, compressed):
     model, report = compressed("llama", "svd-llm")
     cospadi.save(model, None, tmp_path / "out", report.to_dict())
     umask = os.umask(0)
@@ -301,11 +293,11 @@ def test_saved_folder_has_ordinary_permissions(tmp_path):
         assert path.stat().st_mode & 0o777 == 0o666 & ~umask, path.name
 
 
-def test_float32_load_of_a_compact_folder_releases_the_weight_file(tmp_path):
+def test_float32_load_of_a_compact_folder_releases_the_weight_file(tmp_path, compressed):
     """Loading a bf16 / 14-bit folder at float32 converts every float tensor; the bitmask
     and packed values are copied too, so no tensor keeps the memory-mapped file (and all
     its pages) alive. The reload still matches the saved model."""
-    from cospadi.storage.hf_integration import _mapped_weight_files, release_weight_files
+    from cospadi.storage.memory import _mapped_weight_files, release_weight_files
 
     model, report = compressed("llama", "cospadi")
     cospadi.save(model, None, tmp_path / "out", report.to_dict(), dtype="bfloat16", coef_bits=14)

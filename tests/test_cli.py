@@ -9,124 +9,22 @@ import contextlib
 import io
 import json
 import math
-import random
 
 import pytest
-import torch
-from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
 
 import cospadi
 from cospadi import api, cli
-from cospadi.storage.checkpoint import DESCRIPTION
 from cospadi.layers.linear import DictLinear
+from cospadi.storage.checkpoint import DESCRIPTION
 
 SEQ_LEN = 32
 TARGETS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
            "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
-LAYERS = 2
+LAYERS = 2  # the blocks of cli_files' tiny Llama
 
 
-SUBJECTS = ["The river", "A small village", "The old library", "Her grandfather", "The committee",
-            "The northern railway", "A young engineer", "The city council", "The museum", "The orchestra"]
-VERBS = ["was founded", "was rebuilt", "became famous", "was described", "was expanded", "was studied",
-         "was restored", "was celebrated", "was mapped", "was photographed"]
-TAILS = ["in the early nineteenth century by local merchants.",
-         "after a long dispute over land and water rights.",
-         "by travellers who crossed the valley on foot.",
-         "during the years of rapid growth that followed the war.",
-         "with funds raised by the families of the district.",
-         "as part of a plan to improve trade along the coast.",
-         "in a series of reports published by the university.",
-         "because its harbour offered shelter from winter storms.",
-         "when the new bridge opened to carts and carriages.",
-         "under the direction of a well known architect."]
-EXTRAS = ["Today it attracts visitors from across the region.",
-          "Several of the original buildings still stand near the square.",
-          "Historians disagree about the exact date of these events.",
-          "The population grew steadily until the middle of the century.",
-          "Records from that period are kept in the county archive.",
-          "Its name comes from an old word for a meadow by the water.",
-          "Farmers grew wheat, barley and apples on the surrounding hills.",
-          "A small festival is held there every summer."]
-
-
-def corpus_text(paragraphs: int = 60, seed: int = 0) -> str:
-    rng = random.Random(seed)
-    docs = []
-    for _ in range(paragraphs):
-        sentences = [f"{rng.choice(SUBJECTS)} {rng.choice(VERBS)} {rng.choice(TAILS)}" for _ in range(rng.randint(2, 3))]
-        sentences += rng.sample(EXTRAS, 2)
-        docs.append(" ".join(sentences))
-    return "\n\n".join(docs) + "\n"
-
-
-def tiny_llama(vocab: int) -> LlamaForCausalLM:
-    torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=vocab, hidden_size=32, intermediate_size=64, num_hidden_layers=LAYERS,
-                         num_attention_heads=4, num_key_value_heads=2, head_dim=8, max_position_embeddings=128,
-                         tie_word_embeddings=True, bos_token_id=1, eos_token_id=2)
-    return LlamaForCausalLM(config).eval()
-
-
-@pytest.fixture(scope="module")
-def files(tmp_path_factory, smollm2):
-    """Read-only inputs: the tiny model folder, a NaN-weight copy, a GPT2 folder, the corpus."""
-    _, tokenizer = smollm2
-    root = tmp_path_factory.mktemp("cli-inputs")
-    vocab = len(tokenizer)
-    model_dir = root / "tiny-llama"
-    tiny_llama(vocab).save_pretrained(model_dir)
-    tokenizer.save_pretrained(model_dir)
-
-    nan_dir = root / "nan-llama"
-    bad = tiny_llama(vocab)
-    with torch.no_grad():
-        bad.model.layers[1].self_attn.q_proj.weight[0, 0] = float("nan")
-    bad.save_pretrained(nan_dir)
-    tokenizer.save_pretrained(nan_dir)
-
-    gpt2_dir = root / "tiny-gpt2"
-    torch.manual_seed(0)
-    GPT2LMHeadModel(GPT2Config(vocab_size=vocab, n_embd=32, n_layer=2, n_head=2, n_positions=128)).save_pretrained(gpt2_dir)
-    tokenizer.save_pretrained(gpt2_dir)
-
-    text = root / "corpus.txt"
-    text.write_text(corpus_text())
-    csv = root / "corpus.csv"
-    csv.write_text(corpus_text())
-    empty_dir = root / "empty-folder"
-    empty_dir.mkdir()
-    no_tok = root / "no-tokenizer"
-    tiny_llama(vocab).save_pretrained(no_tok)
-    return dict(model=model_dir, nan=nan_dir, gpt2=gpt2_dir, txt=text, csv=csv, empty=empty_dir,
-                **{"no-tokenizer": no_tok}, vocab=vocab)
-
-
-@pytest.fixture
-def printed_rows(monkeypatch):
-    """Every row list the CLI prints as a table, at full precision."""
-    seen: list[list[dict]] = []
-    real = cli.results_table
-
-    def spy(rows):
-        seen.append([dict(r) for r in rows])
-        return real(rows)
-
-    monkeypatch.setattr(cli, "results_table", spy)
-    return seen
-
-
-def parse_table(text: str) -> list[dict[str, str]]:
-    """Rows of the first Markdown table in `text` as header -> cell."""
-    lines = [line.strip() for line in text.splitlines() if line.strip().startswith("|")]
-    assert len(lines) >= 3, f"no Markdown table in:\n{text}"
-    heads = [h.strip() for h in lines[0].strip("|").split("|")]
-    assert set(lines[1].replace("|", "").replace("-", "").strip()) <= {":", ""}, lines[1]
-    return [dict(zip(heads, (c.strip() for c in line.strip("|").split("|")))) for line in lines[2:]]
-
-
-def compress_args(files, out=None, json_path=None, **overrides) -> list[str]:
-    options = {"--model": str(files["model"]), "--data": str(files["txt"]), "--method": "cospadi",
+def compress_args(cli_files, out=None, json_path=None, **overrides) -> list[str]:
+    options = {"--model": str(cli_files["model"]), "--data": str(cli_files["txt"]), "--method": "cospadi",
                "--iters": "2", "--ratio": "0.3", "--calib-samples": "4", "--seq-len": str(SEQ_LEN),
                "--eval-windows": "2", "--batch-size": "2", "--rounds": "7"}
     options.update({k: str(v) for k, v in overrides.items()})
@@ -139,7 +37,7 @@ def compress_args(files, out=None, json_path=None, **overrides) -> list[str]:
 
 
 @pytest.fixture(scope="module")
-def compressed_run(files, tmp_path_factory):
+def compressed_run(cli_files, tmp_path_factory):
     """One successful `cospadi compress` run (module-scoped, so captured with
     contextlib rather than capsys): exit code, stdout, stderr, printed rows, paths."""
     root = tmp_path_factory.mktemp("cli-compress")
@@ -151,14 +49,14 @@ def compressed_run(files, tmp_path_factory):
     stdout, stderr = io.StringIO(), io.StringIO()
     try:
         with contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(stderr):
-            code = cli.main(compress_args(files, out, json_path))
+            code = cli.main(compress_args(cli_files, out, json_path))
     finally:
         patch.undo()
     return dict(code=code, stdout=stdout.getvalue(), stderr=stderr.getvalue(), rows=seen, out=out,
                 json=json_path, root=root)
 
 
-def test_compress_prints_a_table_with_numeric_perplexities(compressed_run):
+def test_compress_prints_a_table_with_numeric_perplexities(compressed_run, parse_table):
     r = compressed_run
     assert r["code"] == 0, r["stderr"]
     assert "error" not in r["stderr"].lower()
@@ -175,13 +73,13 @@ def test_compress_prints_a_table_with_numeric_perplexities(compressed_run):
     assert math.isclose(float(row["ppl"]), full["ppl"], rel_tol=1e-3)
 
 
-def test_compress_writes_a_loadable_output_folder(compressed_run, files):
+def test_compress_writes_a_loadable_output_folder(compressed_run, cli_files):
     out = compressed_run["out"]
     names = {p.name for p in out.iterdir()}
     assert {"config.json", "model.safetensors", DESCRIPTION, "tokenizer.json", "tokenizer_config.json"} <= names
     assert sorted(p.name for p in compressed_run["root"].iterdir()) == ["out", "report.json"]  # no temp folder
     model, tokenizer = cospadi.load(out)
-    assert tokenizer is not None and len(tokenizer) == files["vocab"]
+    assert tokenizer is not None and len(tokenizer) == cli_files["vocab"]
     for i, layer in enumerate(model.model.layers):
         for name in TARGETS:
             assert isinstance(layer.get_submodule(name), DictLinear), f"block {i} {name}"
@@ -211,9 +109,9 @@ def test_compress_json_has_one_entry_per_compressed_linear(compressed_run):
     assert math.isfinite(summary["ppl"]) and math.isfinite(summary["dense ppl"])
 
 
-def test_eval_of_the_output_folder_reproduces_the_compressed_perplexity(compressed_run, files, capsys,
+def test_eval_of_the_output_folder_reproduces_the_compressed_perplexity(compressed_run, cli_files, capsys, parse_table,
                                                                        printed_rows):
-    code = cli.main(["eval", "--model", str(compressed_run["out"]), "--data", str(files["txt"]),
+    code = cli.main(["eval", "--model", str(compressed_run["out"]), "--data", str(cli_files["txt"]),
                      "--seq-len", str(SEQ_LEN), "--eval-windows", "2", "--quiet"])
     captured = capsys.readouterr()
     assert code == 0, captured.err
@@ -226,8 +124,8 @@ def test_eval_of_the_output_folder_reproduces_the_compressed_perplexity(compress
     assert math.isclose(full, compressed_ppl, rel_tol=1e-6), (full, compressed_ppl)
 
 
-def test_eval_of_the_dense_folder_matches_the_dense_perplexity(compressed_run, files, capsys, printed_rows):
-    code = cli.main(["eval", "--model", str(files["model"]), "--data", str(files["txt"]),
+def test_eval_of_the_dense_folder_matches_the_dense_perplexity(compressed_run, cli_files, capsys, printed_rows):
+    code = cli.main(["eval", "--model", str(cli_files["model"]), "--data", str(cli_files["txt"]),
                      "--seq-len", str(SEQ_LEN), "--eval-windows", "2", "--quiet"])
     assert code == 0, capsys.readouterr().err
     dense_ppl = json.loads(compressed_run["json"].read_text())["summary"]["dense ppl"]
@@ -258,9 +156,9 @@ EXPECTED_WORDS = {
 }
 
 
-def _resolve(value, files, tmp_path):
-    return {"MISSING": str(tmp_path / "no-such-thing"), "GPT2": str(files["gpt2"]), "NAN": str(files["nan"]),
-            "CSV": str(files["csv"])}.get(value, value)
+def _resolve(value, cli_files, tmp_path):
+    return {"MISSING": str(tmp_path / "no-such-thing"), "GPT2": str(cli_files["gpt2"]),
+            "NAN": str(cli_files["nan"]), "CSV": str(cli_files["csv"])}.get(value, value)
 
 
 def assert_clean_failure(code: int, captured, parent) -> str:
@@ -275,25 +173,25 @@ def assert_clean_failure(code: int, captured, parent) -> str:
 
 
 @pytest.mark.parametrize("case", list(BAD_COMPRESS))
-def test_bad_compress_input_exits_2_with_one_error_line(case, files, tmp_path, capsys):
-    overrides = {k: _resolve(v, files, tmp_path) for k, v in BAD_COMPRESS[case].items()}
+def test_bad_compress_input_exits_2_with_one_error_line(case, cli_files, tmp_path, capsys):
+    overrides = {k: _resolve(v, cli_files, tmp_path) for k, v in BAD_COMPRESS[case].items()}
     parent = tmp_path / "outs"
     parent.mkdir()
-    code = cli.main(compress_args(files, parent / "out", parent / "report.json", **overrides))
+    code = cli.main(compress_args(cli_files, parent / "out", parent / "report.json", **overrides))
     line = assert_clean_failure(code, capsys.readouterr(), parent)
     assert EXPECTED_WORDS[case] in line.lower(), line
 
 
 @pytest.mark.parametrize("folder", ["empty", "no-tokenizer"])
-def test_model_folder_that_is_not_a_usable_model_exits_2(folder, files, tmp_path, capsys):
+def test_model_folder_that_is_not_a_usable_model_exits_2(folder, cli_files, tmp_path, capsys):
     """An existing folder that holds no model (a --model pointing at the wrong folder), or
     a model saved without its tokenizer, is bad input like a missing path: one error line,
     status 2, no traceback (today transformers' ValueError escapes load_model)."""
     parent = tmp_path / "outs"
     parent.mkdir()
-    code = cli.main(compress_args(files, parent / "out", **{"--model": str(files[folder])}))
+    code = cli.main(compress_args(cli_files, parent / "out", **{"--model": str(cli_files[folder])}))
     line = assert_clean_failure(code, capsys.readouterr(), parent)
-    assert str(files[folder]) in line
+    assert str(cli_files[folder]) in line
 
 
 def test_quiet_compress_prints_no_progress_bars(compressed_run):
@@ -305,9 +203,9 @@ def test_quiet_compress_prints_no_progress_bars(compressed_run):
 
 @pytest.mark.parametrize("argv", [["--seq-len", "0"], ["--eval-windows", "0"], ["--data", "CSV"],
                                   ["--model", "MISSING"]])
-def test_bad_eval_input_exits_2_with_one_error_line(argv, files, tmp_path, capsys):
-    argv = [_resolve(a, files, tmp_path) for a in argv]
-    base = {"--model": str(files["model"]), "--data": str(files["txt"]), "--seq-len": str(SEQ_LEN),
+def test_bad_eval_input_exits_2_with_one_error_line(argv, cli_files, tmp_path, capsys):
+    argv = [_resolve(a, cli_files, tmp_path) for a in argv]
+    base = {"--model": str(cli_files["model"]), "--data": str(cli_files["txt"]), "--seq-len": str(SEQ_LEN),
             "--eval-windows": "2"}
     base.update(dict(zip(argv[::2], argv[1::2])))
     parent = tmp_path / "empty"
@@ -318,28 +216,28 @@ def test_bad_eval_input_exits_2_with_one_error_line(argv, files, tmp_path, capsy
 
 # ---------------------------------------------------------------------------- bench
 
-def bench_args(files, cache, output, methods="svd,cospadi", ratios="0.3") -> list[str]:
-    return ["bench", "--model", str(files["model"]), "--data", str(files["txt"]), "--methods", methods,
+def bench_args(cli_files, cache, output, methods="svd,cospadi", ratios="0.3") -> list[str]:
+    return ["bench", "--model", str(cli_files["model"]), "--data", str(cli_files["txt"]), "--methods", methods,
             "--ratios", ratios, "--iters", "2", "--calib-samples", "4", "--seq-len", str(SEQ_LEN),
             "--eval-windows", "2", "--cache", str(cache), "--output", str(output), "--quiet"]
 
 
-def test_bench_uses_the_data_file(files, tmp_path, capsys, printed_rows):
+def test_bench_uses_the_data_file(cli_files, tmp_path, capsys, printed_rows):
     """`bench --data FILE` must calibrate and evaluate on FILE: its dense row is the
     dense perplexity that `eval --data FILE` measures on the same windows."""
-    code = cli.main(bench_args(files, tmp_path / "cache", tmp_path / "B.md", methods="svd"))
+    code = cli.main(bench_args(cli_files, tmp_path / "cache", tmp_path / "B.md", methods="svd"))
     assert code == 0, capsys.readouterr().err
     bench_dense = printed_rows[-1][0]["token ppl"]
-    code = cli.main(["eval", "--model", str(files["model"]), "--data", str(files["txt"]), "--seq-len",
+    code = cli.main(["eval", "--model", str(cli_files["model"]), "--data", str(cli_files["txt"]), "--seq-len",
                      str(SEQ_LEN), "--eval-windows", "2", "--quiet"])
     assert code == 0, capsys.readouterr().err
     eval_dense = printed_rows[-1][0]["token ppl"]
     assert math.isclose(bench_dense, eval_dense, rel_tol=1e-6), (
-        f"bench's dense perplexity {bench_dense:.4f} is not that of --data {files['txt'].name} "
+        f"bench's dense perplexity {bench_dense:.4f} is not that of --data {cli_files['txt'].name} "
         f"({eval_dense:.4f}): bench ignores --data")
 
 
-def test_bench_caches_cells_and_writes_one_row_per_cell(files, tmp_path, capsys, monkeypatch):
+def test_bench_caches_cells_and_writes_one_row_per_cell(cli_files, tmp_path, capsys, monkeypatch, parse_table):
     calls = []
     real = api.compress
 
@@ -350,7 +248,7 @@ def test_bench_caches_cells_and_writes_one_row_per_cell(files, tmp_path, capsys,
     monkeypatch.setattr(api, "compress", counting)
     cache, output = tmp_path / "cache", tmp_path / "BENCH.md"
     output.write_text("# Benchmarks\n\nHand-written notes that must survive.\n")
-    argv = bench_args(files, cache, output, methods="svd,cospadi", ratios="0.3,0.5")
+    argv = bench_args(cli_files, cache, output, methods="svd,cospadi", ratios="0.3,0.5")
 
     assert cli.main(argv) == 0, capsys.readouterr().err
     first_out = capsys.readouterr().out
@@ -385,9 +283,9 @@ def test_bench_caches_cells_and_writes_one_row_per_cell(files, tmp_path, capsys,
 
 @pytest.mark.parametrize("methods,ratios,word", [("svd,foo", "0.3", "unknown method"), ("svd", "0.3,1.5", "ratio"),
                                                  ("svd", "a,b", "ratios")])
-def test_bad_bench_input_exits_2_and_writes_nothing(methods, ratios, word, files, tmp_path, capsys):
+def test_bad_bench_input_exits_2_and_writes_nothing(methods, ratios, word, cli_files, tmp_path, capsys):
     parent = tmp_path / "outs"
     parent.mkdir()
-    code = cli.main(bench_args(files, parent / "cache", parent / "BENCH.md", methods=methods, ratios=ratios))
+    code = cli.main(bench_args(cli_files, parent / "cache", parent / "BENCH.md", methods=methods, ratios=ratios))
     line = assert_clean_failure(code, capsys.readouterr(), parent)
     assert word in line.lower(), line

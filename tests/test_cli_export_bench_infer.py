@@ -10,7 +10,6 @@ import random
 
 import pytest
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM
 
 import cospadi
 from cospadi import api, cli
@@ -23,23 +22,18 @@ SEQ_LEN = 32
 
 def corpus(paragraphs: int = 80, seed: int = 0) -> str:
     rng = random.Random(seed)
-    words = ("river village library engineer council museum orchestra railway harbour bridge meadow archive "
-             "festival century merchants travellers valley summer winter storms buildings square").split()
+    words = ["river", "village", "library", "engineer", "council", "museum", "orchestra", "railway", "harbour",
+             "bridge", "meadow", "archive", "festival", "century", "merchants", "travellers", "valley", "summer",
+             "winter", "storms", "buildings", "square"]
     return "\n\n".join(" ".join(rng.choice(words) for _ in range(60)) + "." for _ in range(paragraphs)) + "\n"
 
 
 @pytest.fixture(scope="module")
-def files(tmp_path_factory, smollm2):
-    _, tokenizer = smollm2
+def files(tmp_path_factory, cli_files):
+    """The tiny Llama folder of conftest.py's cli_files, and this module's corpus."""
     root = tmp_path_factory.mktemp("cli-infer")
-    torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, head_dim=8, max_position_embeddings=128,
-                         tie_word_embeddings=True, bos_token_id=1, eos_token_id=2)
-    LlamaForCausalLM(config).save_pretrained(root / "tiny")
-    tokenizer.save_pretrained(root / "tiny")
     (root / "corpus.txt").write_text(corpus())
-    return {"model": root / "tiny", "txt": root / "corpus.txt", "root": root}
+    return {"model": cli_files["model"], "txt": root / "corpus.txt"}
 
 
 def compress_argv(files, out, *extra) -> list[str]:

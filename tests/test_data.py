@@ -7,7 +7,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM
 
 from cospadi.data import calibration_windows, evaluation_windows, load_corpus, tokenize_corpus
 from cospadi.errors import CospadiError
@@ -158,22 +157,13 @@ def test_evaluation_needs_one_window(stream):
 # --- perplexity ------------------------------------------------------------------------
 
 
-def _tiny_llama() -> LlamaForCausalLM:
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=1000,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        tie_word_embeddings=False,
-    )
-    return LlamaForCausalLM(config).eval()
+@pytest.fixture
+def model(tiny_model):
+    """A fresh tiny Llama (SMALL sizes: hidden 64) with 1000 tokens and an untied head."""
+    return tiny_model("llama", vocab_size=1000, tie_word_embeddings=False)
 
 
-def test_perplexity_is_exp_of_the_mean_token_nll():
-    model = _tiny_llama()
+def test_perplexity_is_exp_of_the_mean_token_nll(model):
     windows = torch.randint(0, 1000, (5, 32), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         logprobs = model(windows).logits.double().log_softmax(-1)
@@ -183,8 +173,7 @@ def test_perplexity_is_exp_of_the_mean_token_nll():
     )
 
 
-def test_perplexity_extremes():
-    model = _tiny_llama()
+def test_perplexity_extremes(model):
     with torch.no_grad():  # each layer adds nothing; token i embeds as the unit vector e_i
         for layer in model.model.layers:
             layer.self_attn.o_proj.weight.zero_()
@@ -205,6 +194,6 @@ def test_perplexity_extremes():
     assert perplexity(model, windows, progress=False) == float("inf")
 
 
-def test_perplexity_rejects_bad_windows():
+def test_perplexity_rejects_bad_windows(model):
     with pytest.raises(CospadiError, match="shape"):
-        perplexity(_tiny_llama(), torch.zeros(8, dtype=torch.long), progress=False)
+        perplexity(model, torch.zeros(8, dtype=torch.long), progress=False)

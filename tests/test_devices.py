@@ -8,9 +8,8 @@ import torch
 from cospadi.cli import main
 from cospadi.devices import resolve_device, to_device, visiting
 from cospadi.errors import CospadiError
-from cospadi.methods import SolverOptions
-from cospadi.pipeline import compress_blocks
-from test_resume import OPTIONS, build, ids
+from cospadi.pipeline import Recipe, compress_blocks
+from cospadi.solvers import SolverOptions
 
 CUDA = torch.cuda.is_available()
 needs_cuda = pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU")
@@ -54,27 +53,33 @@ def test_to_device_moves_every_tensor_and_keeps_the_structure():
 @needs_cuda
 def test_visiting_returns_the_module_home_even_after_an_error():
     module = torch.nn.Linear(4, 4)
-    with pytest.raises(RuntimeError, match="boom"):
-        with visiting(module, torch.device("cuda")):
-            assert module.weight.device.type == "cuda"
-            raise RuntimeError("boom")
+    with pytest.raises(RuntimeError, match="boom"), visiting(module, torch.device("cuda")):
+        assert module.weight.device.type == "cuda"
+        raise RuntimeError("boom")
     assert module.weight.device.type == "cpu"
 
 
 @needs_cuda
 @pytest.mark.parametrize("method,group_size", [("cospadi", 1), ("cospadi", 2), ("svd-llm", 1)])
-def test_cuda_compression_matches_cpu_and_leaves_the_model_on_the_cpu(method, group_size, tmp_path):
+def test_cuda_compression_matches_cpu_and_leaves_the_model_on_the_cpu(method, group_size, tmp_path, tiny_model,
+                                                                      calibration_ids):
     """The same pipeline on CUDA tensors: blocks visit the GPU one group at a time and come
     back; the factors agree with the CPU run up to float rounding (same seeds, same
     algorithm); a resumable CUDA run resumes, but not from a CPU run's folder."""
+    def build():
+        return tiny_model("llama", layers=4)
+
+    def ids():
+        return calibration_ids[:6]
+
     cpu, gpu = build(), build()
-    ref = compress_blocks(cpu, ids(), method, 0.4, OPTIONS, batch_size=3, progress=False, group_size=group_size,
-                          resume_dir=tmp_path / "cpu")
+    recipe = Recipe(method, 0.4, SolverOptions(sweeps=2), group_size)
+    ref = compress_blocks(cpu, ids(), recipe, batch_size=3, progress=False, resume_dir=tmp_path / "cpu")
     with pytest.raises(CospadiError, match="different run"):  # a CPU run's folder is not resumed on CUDA
-        compress_blocks(build(), ids(), method, 0.4, OPTIONS, batch_size=3, progress=False, group_size=group_size,
-                        device="cuda", resume_dir=tmp_path / "cpu")
-    got = compress_blocks(gpu, ids(), method, 0.4, OPTIONS, batch_size=3, progress=False, group_size=group_size,
-                          device="cuda", resume_dir=tmp_path / "resume")
+        compress_blocks(build(), ids(), recipe, batch_size=3, progress=False, device="cuda",
+                        resume_dir=tmp_path / "cpu")
+    got = compress_blocks(gpu, ids(), recipe, batch_size=3, progress=False, device="cuda",
+                          resume_dir=tmp_path / "resume")
     assert all(p.device.type == "cpu" for p in gpu.parameters())
     assert all(b.device.type == "cpu" for b in gpu.buffers())
     for r, g in zip(ref.matrices, got.matrices):
@@ -84,8 +89,8 @@ def test_cuda_compression_matches_cpu_and_leaves_the_model_on_the_cpu(method, gr
         a, b = cpu(ids()[:2]).logits, gpu(ids()[:2]).logits
     assert (a - b).norm() / a.norm() < 0.05
     again = build()
-    resumed = compress_blocks(again, ids(), method, 0.4, OPTIONS, batch_size=3, progress=False,
-                              group_size=group_size, device="cuda", resume_dir=tmp_path / "resume")
+    resumed = compress_blocks(again, ids(), recipe, batch_size=3, progress=False, device="cuda",
+                              resume_dir=tmp_path / "resume")
     assert [m.output_error for m in resumed.matrices] == [m.output_error for m in got.matrices]
 
 

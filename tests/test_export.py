@@ -9,29 +9,16 @@ import sys
 
 import pytest
 import torch
-from transformers import (AutoModelForCausalLM, Gemma3ForCausalLM, Gemma3TextConfig, LlamaConfig, LlamaForCausalLM,
-                          Qwen2Config, Qwen2ForCausalLM)
+from transformers import AutoModelForCausalLM
 
 import cospadi
 from cospadi.errors import CospadiError
-from cospadi.storage.export import densify, export_dense
-from cospadi.methods import SolverOptions
 from cospadi.layers.linear import DictLinear, LowRankLinear
-from cospadi.pipeline import compress_blocks
+from cospadi.pipeline import Recipe, compress_blocks
+from cospadi.solvers import SolverOptions
+from cospadi.storage.export import densify, export_dense
 
-COMMON = dict(vocab_size=300, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-              num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=64)
-
-
-def build(family: str):
-    torch.manual_seed(0)
-    if family == "llama":
-        return LlamaForCausalLM(LlamaConfig(**COMMON, tie_word_embeddings=True)).eval()
-    if family == "qwen2":
-        return Qwen2ForCausalLM(Qwen2Config(**COMMON, tie_word_embeddings=False)).eval()
-    config = Gemma3TextConfig(**COMMON, sliding_window=8, query_pre_attn_scalar=16,
-                              layer_types=["sliding_attention", "full_attention"])
-    return Gemma3ForCausalLM(config).eval()
+TIED = {"llama": dict(tie_word_embeddings=True), "qwen2": dict(tie_word_embeddings=False), "gemma3": {}}
 
 
 def ids(seed: int) -> torch.Tensor:
@@ -43,18 +30,24 @@ def logits(model, input_ids):
     return model(input_ids=input_ids, use_cache=False).logits
 
 
-def saved(family: str, method: str, folder, **storage):
-    model = build(family)
-    dense_keys = set(model.state_dict())
-    calib = torch.randint(0, 300, (8, 24), generator=torch.Generator().manual_seed(1))
-    report = compress_blocks(model, calib, method, 0.3, SolverOptions(iters=1), batch_size=4, progress=False)
-    cospadi.save(model, None, folder, report.to_dict(), **storage)
-    return model, dense_keys
+@pytest.fixture
+def saved(tiny_model, calibration_ids):
+    """Factory: a fresh tiny `family` model (tied embeddings for llama, biased q/k/v for
+    qwen2, sliding layers for gemma3) compressed by `method` and saved to `folder` with
+    `storage` (dtype, coef_bits); returns (model, the dense model's state_dict keys)."""
+    def make(family: str, method: str, folder, **storage):
+        model = tiny_model(family, **TIED[family])
+        dense_keys = set(model.state_dict())
+        report = compress_blocks(model, calibration_ids, Recipe(method, 0.3, SolverOptions(iters=1)), batch_size=4,
+                                 progress=False)
+        cospadi.save(model, None, folder, report.to_dict(), **storage)
+        return model, dense_keys
+    return make
 
 
 @pytest.mark.parametrize("family,method", [("llama", "cospadi"), ("qwen2", "cospadi"), ("gemma3", "cospadi"),
                                            ("qwen2", "svd-llm")])
-def test_export_matches_the_compressed_model(family, method, tmp_path):
+def test_export_matches_the_compressed_model(family, method, tmp_path, saved):
     model, dense_keys = saved(family, method, tmp_path / "cospadi")
     out = export_dense(tmp_path / "cospadi", tmp_path / "dense")
     config = json.loads((out / "config.json").read_text())
@@ -69,18 +62,18 @@ def test_export_matches_the_compressed_model(family, method, tmp_path):
         assert error < 1e-5, error
 
 
-def test_export_keeps_or_changes_the_dtype(tmp_path):
+def test_export_keeps_or_changes_the_dtype(tmp_path, saved):
     model, _ = saved("llama", "cospadi", tmp_path / "cospadi", dtype="bfloat16", coef_bits=14)
     out = export_dense(tmp_path / "cospadi", tmp_path / "dense")
     exported = AutoModelForCausalLM.from_pretrained(out)
     assert exported.dtype == torch.bfloat16
-    w = model.model.layers[1].mlp.up_proj.weight()
+    w = model.model.layers[1].mlp.up_proj.dense_weight()
     assert torch.equal(exported.model.layers[1].mlp.up_proj.weight, w.T)
     export_dense(tmp_path / "cospadi", tmp_path / "dense32", dtype="float32")
     assert AutoModelForCausalLM.from_pretrained(tmp_path / "dense32").dtype == torch.float32
 
 
-def test_exported_folder_loads_without_cospadi(tmp_path):
+def test_exported_folder_loads_without_cospadi(tmp_path, saved):
     model, _ = saved("qwen2", "cospadi", tmp_path / "cospadi")
     export_dense(tmp_path / "cospadi", tmp_path / "dense")
     torch.save(ids(2), tmp_path / "ids.pt")
@@ -95,7 +88,7 @@ def test_exported_folder_loads_without_cospadi(tmp_path):
     assert float((torch.load(tmp_path / "out.pt") - expected).norm() / expected.norm()) < 1e-5
 
 
-def test_densify_in_memory_and_export_errors(tmp_path):
+def test_densify_in_memory_and_export_errors(tmp_path, saved):
     model, _ = saved("llama", "svd-llm", tmp_path / "cospadi")
     before = logits(model, ids(4))
     densify(model)

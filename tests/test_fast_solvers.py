@@ -5,10 +5,21 @@ import torch
 
 from cospadi.budget import dict_budget, lowrank_budget
 from cospadi.errors import CospadiError
-from cospadi.methods import SolverOptions, factorize
-from cospadi.solvers import (cholesky_upper, learn_dictionary, learn_orthogonal, output_error, single_step,
-                             svd_llm, whiten)
+from cospadi.methods import get_method
+from cospadi.solvers import (
+    PAPER,
+    SolverOptions,
+    cholesky_upper,
+    learn_dictionary,
+    learn_orthogonal,
+    output_error,
+    single_step,
+    svd_llm,
+    whiten,
+)
 from cospadi.solvers.orthogonal import hard_threshold
+
+COSPADI = get_method("cospadi")
 
 
 def planted(n=40, k=24, m=300, s=4, orthonormal=False, seed=0):
@@ -18,7 +29,8 @@ def planted(n=40, k=24, m=300, s=4, orthonormal=False, seed=0):
     codes = torch.zeros(k, m, dtype=torch.float64)
     for j in range(m):
         rows = torch.randperm(k, generator=gen)[:s]
-        codes[rows, j] = torch.randn(s, generator=gen, dtype=torch.float64).sign() * (1 + torch.rand(s, generator=gen, dtype=torch.float64))
+        signs = torch.randn(s, generator=gen, dtype=torch.float64).sign()
+        codes[rows, j] = signs * (1 + torch.rand(s, generator=gen, dtype=torch.float64))
     return d, codes, d @ codes
 
 
@@ -75,16 +87,16 @@ def test_single_step_dictionary_is_least_squares_optimal_for_its_codes():
 def test_ksvd_from_the_orthogonal_start_is_monotone_and_improves_on_it():
     y = torch.randn(40, 300, generator=torch.Generator().manual_seed(3))
     ortho = learn_orthogonal(y, 24, 8, iters=40)
-    r = learn_dictionary(y, 24, 8, iters=0, power_iters=2, init="orthogonal", sweeps=6)
+    r = learn_dictionary(y, 24, 8, PAPER.but(iters=0, power_iters=2, init="orthogonal", sweeps=6))
     assert r.objective[0] <= ortho.objective[-1] * (1 + 1e-6)
-    r2 = learn_dictionary(y, 24, 8, iters=3, power_iters=2, init="orthogonal", sweeps=2)
+    r2 = learn_dictionary(y, 24, 8, PAPER.but(iters=3, power_iters=2, init="orthogonal", sweeps=2))
     assert all(b <= a * (1 + 1e-6) for a, b in zip(r2.objective, r2.objective[1:]))
     assert (r2.indices.diff(dim=0) > 0).all() and r2.indices.shape == (8, 300)
 
 
 def test_orthogonal_start_falls_back_to_svd_when_k_exceeds_n():
     y = torch.randn(10, 100, generator=torch.Generator().manual_seed(4))
-    r = learn_dictionary(y, 14, 3, iters=2, power_iters=2, init="orthogonal")
+    r = learn_dictionary(y, 14, 3, PAPER.but(iters=2, power_iters=2, init="orthogonal"))
     assert r.dictionary.shape == (10, 14) and r.indices.shape == (3, 100)
 
 
@@ -97,8 +109,8 @@ def test_every_solver_option_meets_the_budget_beats_svd_llm_and_is_deterministic
     x = torch.randn(500, 48, dtype=torch.float64, generator=torch.Generator().manual_seed(7)) * torch.linspace(0.2, 3, 48)
     gram = x.T @ x
     budget = dict_budget(48, 160, 0.4, options.rho)
-    first = factorize("cospadi", w, gram, budget, options)
-    again = factorize("cospadi", w, gram, budget, options)
+    first = COSPADI.solve([w], [gram], budget, options)[0]
+    again = COSPADI.solve([w], [gram], budget, options)[0]
     assert torch.equal(first.dictionary, again.dictionary) and torch.equal(first.values, again.values)
     assert first.indices.shape == (budget.sparsity, 160) and (first.indices.diff(dim=0) > 0).all()
     low = svd_llm(w, gram, lowrank_budget(48, 160, 0.4))
@@ -123,8 +135,8 @@ def test_rounds_caps_the_orthogonal_rounds(solver):
     w = torch.randn(40, 90, dtype=torch.float64, generator=torch.Generator().manual_seed(7))
     gram = torch.eye(40, dtype=torch.float64)
     budget = dict_budget(40, 90, 0.3)
-    errors = [output_error(gram, w, factorize("cospadi", w, gram, budget,
-                                              SolverOptions(solver=solver, rounds=r, sweeps=2)).weight())
+    errors = [output_error(gram, w, COSPADI.solve([w], [gram], budget,
+                                                  SolverOptions(solver=solver, rounds=r, sweeps=2))[0].weight())
               for r in (1, 3, 25)]
     assert errors[0] != errors[2]
     if solver == "orthogonal":
@@ -137,9 +149,10 @@ def test_whitened_learning_runs_on_the_whitened_weight():
     x = torch.randn(400, 32, dtype=torch.float64, generator=torch.Generator().manual_seed(9))
     gram = x.T @ x
     budget = dict_budget(32, 120, 0.3)
-    f = factorize("cospadi", w, gram, budget, SolverOptions())
+    f = COSPADI.solve([w], [gram], budget, SolverOptions())[0]
     wl = whiten(cholesky_upper(gram), w).float()
-    r = learn_dictionary(wl, budget.atoms, budget.sparsity, 0, 2, 42, "orthogonal", 8)
+    r = learn_dictionary(wl, budget.atoms, budget.sparsity,
+                         PAPER.but(iters=0, power_iters=2, seed=42, init="orthogonal", sweeps=8))
     assert output_error(gram, w, f.weight()) == pytest.approx(r.objective[-1] ** 0.5 / float(wl.norm()), rel=1e-4)
 
 
@@ -155,14 +168,12 @@ def test_tall_weights_learn_in_their_row_space_with_the_same_result(options):
     w = w + 0.01 * torch.randn(60, 16, dtype=torch.float64, generator=torch.Generator().manual_seed(13))
     budget = dict_budget(60, 16, 0.3)
     assert budget.atoms <= 16
-    f = dictionary.cospadi(w, torch.eye(60, dtype=torch.float64), budget, options.solver, options.iters,
-                           options.power_iters, options.seed, options.init, options.sweeps, dtype=torch.float64)
+    f = dictionary.cospadi(w, torch.eye(60, dtype=torch.float64), budget, options, dtype=torch.float64)
     if options.solver == "orthogonal":
-        r = learn_orthogonal(w, budget.atoms, budget.sparsity, dictionary.ORTHOGONAL_ROUNDS)
+        r = learn_orthogonal(w, budget.atoms, budget.sparsity, SolverOptions().rounds)
     elif options.solver == "single-step":
         r = single_step(w, budget.atoms, budget.sparsity)
     else:
-        r = learn_dictionary(w, budget.atoms, budget.sparsity, options.iters, options.power_iters, options.seed,
-                             options.init, options.sweeps)
+        r = learn_dictionary(w, budget.atoms, budget.sparsity, options)
     assert torch.equal(f.indices, r.indices)
     assert torch.allclose(f.weight(), r.dictionary @ dense(r, budget.atoms), atol=1e-9)

@@ -10,28 +10,25 @@ import shutil
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
-from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
+from transformers import AutoModelForCausalLM
 
 import cospadi
 from cospadi.errors import CospadiError
-from cospadi.storage.hf_integration import replace_modules
-from cospadi.methods import SolverOptions
-from cospadi.pipeline import compress_blocks
+from cospadi.pipeline import Recipe, compress_blocks
+from cospadi.solvers import SolverOptions
+from cospadi.storage.config import replace_modules
 
-COMMON = dict(vocab_size=300, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-              num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=64)
 Q = "model.layers.0.self_attn.q_proj"
 
 
 @pytest.fixture(scope="module")
-def saved(tmp_path_factory):
+def saved(tmp_path_factory, tiny_model, calibration_ids):
     """{"single": one-file folder, "sharded": several shards, "dense": a plain folder}."""
-    torch.manual_seed(0)
-    model = LlamaForCausalLM(LlamaConfig(**COMMON, tie_word_embeddings=True)).eval()
+    model = tiny_model("llama", tie_word_embeddings=True)
     root = tmp_path_factory.mktemp("saved")
     model.save_pretrained(root / "dense")
-    ids = torch.randint(0, 300, (8, 24), generator=torch.Generator().manual_seed(1))
-    report = compress_blocks(model, ids, "cospadi", 0.3, SolverOptions(iters=1), batch_size=4, progress=False)
+    report = compress_blocks(model, calibration_ids, Recipe("cospadi", 0.3, SolverOptions(iters=1)), batch_size=4,
+                             progress=False)
     cospadi.save(model, None, root / "single", report.to_dict())
     cospadi.save(model, None, root / "sharded", report.to_dict(), max_shard_size="60KB")
     assert len(list((root / "sharded").glob("model-*.safetensors"))) >= 2
@@ -102,7 +99,7 @@ def test_unknown_module_type_is_named(copy):
     both_routes(folder, rf"unknown module type 'quantized' for {Q}")
 
 
-def test_module_entry_that_does_not_fit_the_model(copy):
+def test_module_entry_that_does_not_fit_the_model(copy, tiny_model):
     folder = copy()
     edit_config(folder, lambda c: c["quantization_config"]["modules"][Q].update(in_features=63))
     both_routes(folder, rf"{Q}\.dictionary has shape \[64, \d+\], config\.json implies \[63, \d+\].*corrupt")
@@ -110,7 +107,7 @@ def test_module_entry_that_does_not_fit_the_model(copy):
     edit_config(folder, lambda c: c["quantization_config"]["modules"].update({"model.layers.9.mlp.up_proj": {
         "type": "lowrank", "in_features": 64, "out_features": 128, "rank": 4}}))
     both_routes(folder, r"model\.layers\.9\.mlp\.up_proj\.left is missing.*corrupt")
-    model = LlamaForCausalLM(LlamaConfig(**COMMON))
+    model = tiny_model("llama")  # SMALL sizes: hidden 64, intermediate 128
     spec = {"type": "lowrank", "in_features": 64, "out_features": 128, "rank": 4}
     with pytest.raises(CospadiError, match=r"lists compressed module model\.layers\.9\.mlp\.up_proj.*corrupt"):
         replace_modules(model, {"model.layers.9.mlp.up_proj": spec}, torch.float32, None)

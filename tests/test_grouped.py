@@ -7,19 +7,30 @@ import math
 
 import pytest
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM
 
+from cospadi.adapters import ATTENTION, GATE_UP
 from cospadi.budget import DictBudget, LowRankBudget, dict_budget, lowrank_budget
 from cospadi.errors import CospadiError
-from cospadi.groups import SHARED, block_groups, check_group_size, resolve_group_size
-from cospadi.methods import SolverOptions
+from cospadi.groups import block_groups, check_group_size, resolve_group_size
 from cospadi.layers.linear import DictLinear, LowRankLinear
-from cospadi.pipeline import compress_blocks, unique_param_count
-from cospadi.solvers import (basis_sharing, cholesky_upper, cospadi, cospadi_grouped, mean_gram, output_error, svd_llm,
-                             whiten)
+from cospadi.methods import get_method
+from cospadi.pipeline import Recipe, compress_blocks, unique_param_count
+from cospadi.solvers import (
+    PAPER,
+    SolverOptions,
+    basis_sharing,
+    cholesky_upper,
+    cospadi,
+    cospadi_grouped,
+    mean_gram,
+    output_error,
+    svd_llm,
+    whiten,
+)
 
 TARGETS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
            "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
+SHARED = ATTENTION + GATE_UP  # the Llama family's linears that share a factor across a group
 RATIO = 0.3
 
 
@@ -42,18 +53,18 @@ def test_block_groups_cut_consecutive_blocks_and_shorten_the_last():
 
 
 def test_group_size_checks_and_defaults():
-    assert resolve_group_size("basis-sharing", None) == 2
-    assert resolve_group_size("cospadi", None) == 1
-    assert resolve_group_size("cospadi", 3) == 3
+    assert resolve_group_size(get_method("basis-sharing"), None) == 2
+    assert resolve_group_size(get_method("cospadi"), None) == 1
+    assert resolve_group_size(get_method("cospadi"), 3) == 3
     for bad in (0, -1, 1.5, True):
         with pytest.raises(CospadiError, match="group size"):
-            check_group_size(bad, "cospadi")
+            check_group_size(bad, get_method("cospadi"))
     with pytest.raises(CospadiError, match="svd-llm"):
-        check_group_size(2, "svd-llm")
+        check_group_size(2, get_method("svd-llm"))
 
 
 def test_shared_budget_formulas_hand_computed():
-    # METHOD.md: k = (1 - g) m d1 d2 / (d1 + m d2 / rho); r (d1 + m d2) = (1 - g) m d1 d2.
+    # docs/method.md "Per-group mode": k = (1 - g) m d1 d2 / (d1 + m d2 / rho); r (d1 + m d2) = (1 - g) m d1 d2.
     b = dict_budget(576, 1536, 0.3, 2.0, members=2)
     assert b.atoms == math.floor(0.7 * 2 * 576 * 1536 / (576 + 2 * 1536 / 2))  # 1029
     assert b.sparsity == b.atoms // 2
@@ -72,7 +83,7 @@ def planted_group(d1=24, d2=40, k=12, s=3, m=2, seed=0):
     """m weights with an exact shared s-sparse representation in the whitened space of the
     mean Gram: W_l = L_bar^{-1} D_w S_l with D_w orthonormal (d1, k)."""
     gen = torch.Generator().manual_seed(seed)
-    grams = [random_gram(d1, seed + 10 + l, scale=1.0 + l) for l in range(m)]
+    grams = [random_gram(d1, seed + 10 + j, scale=1.0 + j) for j in range(m)]
     upper = cholesky_upper(mean_gram(grams))
     d_w = torch.linalg.qr(torch.randn(d1, k, generator=gen, dtype=torch.float64)).Q
     weights = []
@@ -91,7 +102,7 @@ def planted_group(d1=24, d2=40, k=12, s=3, m=2, seed=0):
 def test_grouped_cospadi_reconstructs_every_member_within_its_budget(options):
     weights, grams = planted_group()
     budget = DictBudget(24, 40, 12, 3, members=2)
-    factors = cospadi_grouped(weights, grams, budget, **options)
+    factors = cospadi_grouped(weights, grams, budget, PAPER.but(**options))
     assert len(factors) == 2
     assert factors[0].dictionary is factors[1].dictionary  # one shared tensor
     assert factors[0].dictionary.shape == (24, 12)
@@ -109,8 +120,8 @@ def test_grouped_cospadi_on_generic_weights_meets_the_ratio_and_fits_each_member
     grams = [random_gram(32, 20), random_gram(32, 21, scale=3.0)]
     budget = dict_budget(32, 96, RATIO, 2.0, members=2)
     assert budget.effective_params <= (1 - RATIO) * 2 * 32 * 96
-    factors = cospadi_grouped(weights, grams, budget, solver="ksvd", init="orthogonal", iters=1, sweeps=4,
-                              power_iters=4)
+    factors = cospadi_grouped(weights, grams, budget, PAPER.but(solver="ksvd", init="orthogonal", iters=1, sweeps=4,
+                                                                power_iters=4))
     upper = cholesky_upper(mean_gram(grams))
     whole = torch.cat([whiten(upper, w) for w in weights], 1)
     approx = torch.cat([whiten(upper, f.weight()) for f in factors], 1)
@@ -128,9 +139,9 @@ def test_one_member_groups_are_the_per_layer_solvers_exactly():
     gen = torch.Generator().manual_seed(5)
     w, g = torch.randn(20, 30, generator=gen, dtype=torch.float64), random_gram(20, 6)
     budget = dict_budget(20, 30, RATIO)
-    kw = dict(solver="ksvd", init="orthogonal", iters=1, sweeps=2, power_iters=2)
-    (grouped,) = cospadi_grouped([w], [g], budget, **kw)
-    single = cospadi(w, g, budget, **kw)
+    options = PAPER.but(solver="ksvd", init="orthogonal", iters=1, sweeps=2, power_iters=2)
+    (grouped,) = cospadi_grouped([w], [g], budget, options)
+    single = cospadi(w, g, budget, options)
     assert torch.equal(grouped.dictionary, single.dictionary) and torch.equal(grouped.values, single.values)
     (shared,) = basis_sharing([w], [g], lowrank_budget(20, 30, RATIO))
     alone = svd_llm(w, g, lowrank_budget(20, 30, RATIO))
@@ -140,7 +151,7 @@ def test_one_member_groups_are_the_per_layer_solvers_exactly():
 def test_basis_sharing_is_the_optimal_shared_basis_under_the_mean_gram():
     gen = torch.Generator().manual_seed(7)
     weights = [torch.randn(16, 24, generator=gen, dtype=torch.float64) for _ in range(3)]
-    grams = [random_gram(16, 30 + l) for l in range(3)]
+    grams = [random_gram(16, 30 + j) for j in range(3)]
     budget = lowrank_budget(16, 24, 0.5, members=3)
     factors = basis_sharing(weights, grams, budget)
     assert all(f.left is factors[0].left for f in factors) and factors[0].left.shape == (16, budget.rank)
@@ -169,14 +180,6 @@ def test_grouped_solvers_reject_mismatched_groups():
 
 # ---------------------------------------------------------------------------- pipeline
 
-def tiny_llama(layers: int) -> LlamaForCausalLM:
-    torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=200, hidden_size=32, intermediate_size=64, num_hidden_layers=layers,
-                         num_attention_heads=4, num_key_value_heads=2, head_dim=8, max_position_embeddings=64)
-    return LlamaForCausalLM(config).eval()
-
-
-IDS = torch.randint(0, 200, (6, 20), generator=torch.Generator().manual_seed(2))
 OPTIONS = SolverOptions(sweeps=3)
 
 
@@ -185,9 +188,9 @@ def factor_of(module):
 
 
 @pytest.mark.parametrize("method", ["cospadi", "basis-sharing"])
-def test_a_group_size_that_does_not_divide_the_blocks_shortens_the_last_group(method):
+def test_a_group_size_that_does_not_divide_the_blocks_shortens_the_last_group(method, tiny_llama, tiny_ids):
     model = tiny_llama(3)
-    report = compress_blocks(model, IDS, method, RATIO, OPTIONS, batch_size=3, progress=False, group_size=2)
+    report = compress_blocks(model, tiny_ids, Recipe(method, RATIO, OPTIONS, group_size=2), batch_size=3, progress=False)
     layers = model.model.layers
     for name in TARGETS:
         first, second, third = (layer.get_submodule(name) for layer in layers)
@@ -218,22 +221,22 @@ def test_a_group_size_that_does_not_divide_the_blocks_shortens_the_last_group(me
     assert report.group_size == 2
     assert all(0 <= m.output_error < 1 for m in report.matrices)
     with torch.no_grad():
-        assert torch.isfinite(model(input_ids=IDS).logits).all()
+        assert torch.isfinite(model(input_ids=tiny_ids).logits).all()
 
 
-def test_a_group_larger_than_the_model_is_one_group_and_size_one_is_per_layer():
+def test_a_group_larger_than_the_model_is_one_group_and_size_one_is_per_layer(tiny_llama, tiny_ids):
     model = tiny_llama(2)
-    compress_blocks(model, IDS, "basis-sharing", RATIO, progress=False, group_size=5)
+    compress_blocks(model, tiny_ids, Recipe("basis-sharing", RATIO, group_size=5), progress=False)
     q = [layer.self_attn.q_proj for layer in model.model.layers]
     assert isinstance(q[0], LowRankLinear) and q[0].left is q[1].left
     per_layer, plain = tiny_llama(2), tiny_llama(2)
-    compress_blocks(per_layer, IDS, "basis-sharing", RATIO, progress=False, group_size=1)
-    compress_blocks(plain, IDS, "svd-llm", RATIO, progress=False)
+    compress_blocks(per_layer, tiny_ids, Recipe("basis-sharing", RATIO, group_size=1), progress=False)
+    compress_blocks(plain, tiny_ids, Recipe("svd-llm", RATIO), progress=False)
     with torch.no_grad():
-        assert torch.equal(per_layer(input_ids=IDS).logits, plain(input_ids=IDS).logits)
+        assert torch.equal(per_layer(input_ids=tiny_ids).logits, plain(input_ids=tiny_ids).logits)
 
 
-def test_the_first_group_is_calibrated_on_the_dense_model():
+def test_the_first_group_is_calibrated_on_the_dense_model(tiny_llama, tiny_ids):
     """Within a group every block is calibrated on its dense predecessor's outputs (the
     shared factor needs all the Grams before any block can change): the first group's
     shared basis is Basis Sharing on the dense model's own q_proj inputs."""
@@ -243,37 +246,36 @@ def test_the_first_group_is_calibrated_on_the_dense_model():
         lambda mod, args, i=i: inputs.setdefault(i, []).append(args[0].reshape(-1, args[0].shape[-1]).double()))
         for i, layer in enumerate(dense.model.layers)]
     with torch.no_grad():
-        dense(input_ids=IDS)
+        dense(input_ids=tiny_ids)
     for h in hooks:
         h.remove()
     grams = [torch.cat(inputs[i]).T @ torch.cat(inputs[i]) for i in (0, 1)]
     weights = [layer.self_attn.q_proj.weight.detach().T for layer in dense.model.layers]
     expected = basis_sharing(weights, grams, lowrank_budget(32, 32, RATIO, members=2))
-    compress_blocks(model, IDS, "basis-sharing", RATIO, batch_size=3, progress=False, group_size=2)
+    compress_blocks(model, tiny_ids, Recipe("basis-sharing", RATIO, group_size=2), batch_size=3, progress=False)
     for layer, f in zip(model.model.layers, expected):
-        got = layer.self_attn.q_proj.weight().double()
+        got = layer.self_attn.q_proj.dense_weight().double()
         assert torch.allclose(got, f.weight(), atol=1e-4 * float(f.weight().abs().max()))
 
 
-def test_svd_with_a_group_size_is_refused():
+def test_svd_with_a_group_size_is_refused(tiny_llama, tiny_ids):
     with pytest.raises(CospadiError, match="group"):
-        compress_blocks(tiny_llama(2), IDS, "svd", RATIO, progress=False, group_size=2)
+        compress_blocks(tiny_llama(2), tiny_ids, Recipe("svd", RATIO, group_size=2), progress=False)
 
 
 def test_an_overcomplete_shared_dictionary_runs_with_the_default_solver():
     """Shared budgets can exceed d1 atoms (SmolLM2's gate/up in pairs below ratio 0.35):
     the default orthogonal start then needs one Batch-OMP pass; the orthogonal solver
     cannot hold more than d1 atoms and says so."""
-    from cospadi.methods import budget_for, factorize_group
-
     gen = torch.Generator().manual_seed(11)
     weights = [torch.randn(16, 40, generator=gen, dtype=torch.float64) for _ in range(2)]
     grams = [random_gram(16, 40), random_gram(16, 41)]
-    budget = budget_for("cospadi", 16, 40, 0.2, SolverOptions(), members=2)
+    method = get_method("cospadi")
+    budget = method.budget(16, 40, 0.2, SolverOptions(), members=2)
     assert budget.atoms > 16  # floor(0.8 * 2 * 16 * 40 / (16 + 40)) = 18
-    factors = factorize_group("cospadi", weights, grams, budget, SolverOptions())
+    factors = method.solve(weights, grams, budget, SolverOptions())
     assert factors[0].dictionary.shape == (16, budget.atoms) and factors[0].dictionary is factors[1].dictionary
     for f, w, g in zip(factors, weights, grams):
         assert 0 < output_error(g, w, f.weight()) < 0.3
     with pytest.raises(CospadiError, match="overcomplete"):
-        factorize_group("cospadi", weights, grams, budget, SolverOptions(solver="orthogonal"))
+        method.solve(weights, grams, budget, SolverOptions(solver="orthogonal"))

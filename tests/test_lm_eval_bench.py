@@ -14,7 +14,8 @@ import torch.nn.functional as F
 from cospadi import api, cli
 from cospadi.evaluation.lm_eval_runner import evaluate_tasks
 from cospadi.evaluation.lm_eval_tasks import LASTWORD, WORDPPL, lastword_passage, lastword_passages, write_tasks
-from test_cli import SEQ_LEN, files, parse_table, printed_rows  # noqa: F401  (fixtures)
+
+SEQ_LEN = 32
 
 DOCS = [
     "The harbour town of Kessel grew around a deep natural bay. Fishermen sold their catch on the quay, and "
@@ -106,8 +107,8 @@ def test_local_tasks_score_smollm2_as_an_independent_computation(smollm2):
 
 # ---------------------------------------------------------------------------- command line
 
-def test_eval_tasks_prints_lm_eval_columns(files, capsys, printed_rows):  # noqa: F811
-    argv = ["eval", "--model", str(files["model"]), "--data", str(files["txt"]), "--seq-len", str(SEQ_LEN),
+def test_eval_tasks_prints_lm_eval_columns(cli_files, capsys, printed_rows):
+    argv = ["eval", "--model", str(cli_files["model"]), "--data", str(cli_files["txt"]), "--seq-len", str(SEQ_LEN),
             "--eval-windows", "2", "--tasks", f"{LASTWORD},{WORDPPL}", "--wordppl-docs", "3", "--quiet"]
     assert cli.main(argv) == 0, capsys.readouterr().err
     row = printed_rows[-1][0]
@@ -118,16 +119,16 @@ def test_eval_tasks_prints_lm_eval_columns(files, capsys, printed_rows):  # noqa
 
 
 @pytest.mark.parametrize("tasks,word", [("", "no task"), ("no_such_task_xyz", "no task 'no_such_task_xyz'")])
-def test_eval_with_bad_tasks_exits_2(tasks, word, files, capsys):  # noqa: F811
-    argv = ["eval", "--model", str(files["model"]), "--data", str(files["txt"]), "--seq-len", str(SEQ_LEN),
+def test_eval_with_bad_tasks_exits_2(tasks, word, cli_files, capsys):
+    argv = ["eval", "--model", str(cli_files["model"]), "--data", str(cli_files["txt"]), "--seq-len", str(SEQ_LEN),
             "--eval-windows", "1", "--tasks", tasks, "--quiet"]
     assert cli.main(argv) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("error: ") and word in err[0], err
 
 
-def test_bench_caches_grouped_cells_with_every_measure_and_draws_the_plot(files, tmp_path, capsys,  # noqa: F811
-                                                                          monkeypatch):
+def test_bench_caches_grouped_cells_with_every_measure_and_draws_the_plot(cli_files, tmp_path, capsys, monkeypatch,
+                                                                          parse_table):
     calls = []
     real = api.compress
 
@@ -137,7 +138,7 @@ def test_bench_caches_grouped_cells_with_every_measure_and_draws_the_plot(files,
 
     monkeypatch.setattr(api, "compress", counting)
     cache, output, plot = tmp_path / "cache", tmp_path / "BENCH.md", tmp_path / "plots" / "p.png"
-    argv = ["bench", "--model", str(files["model"]), "--data", str(files["txt"]), "--methods",
+    argv = ["bench", "--model", str(cli_files["model"]), "--data", str(cli_files["txt"]), "--methods",
             "svd-llm,basis-sharing,cospadi-group", "--ratios", "0.4", "--calib-samples", "4", "--seq-len",
             str(SEQ_LEN), "--eval-windows", "2", "--lastword-examples", "4", "--wordppl-docs", "2", "--cache",
             str(cache), "--output", str(output), "--plot", str(plot), "--quiet"]
@@ -175,8 +176,8 @@ def test_bench_caches_grouped_cells_with_every_measure_and_draws_the_plot(files,
 
 @pytest.mark.parametrize("extra,word", [(["--group-size", "0"], "group size"), (["--lastword-examples", "-1"],
                                                                                  "lastword-examples")])
-def test_bad_bench_settings_exit_2_before_any_work(extra, word, files, tmp_path, capsys):  # noqa: F811
-    argv = ["bench", "--model", str(files["model"]), "--data", str(files["txt"]), "--methods", "cospadi-group",
+def test_bad_bench_settings_exit_2_before_any_work(extra, word, cli_files, tmp_path, capsys):
+    argv = ["bench", "--model", str(cli_files["model"]), "--data", str(cli_files["txt"]), "--methods", "cospadi-group",
             "--ratios", "0.3", "--cache", str(tmp_path / "cache"), "--output", str(tmp_path / "B.md"), "--quiet"]
     assert cli.main(argv + extra) == 2
     err = capsys.readouterr().err.strip().splitlines()
@@ -186,7 +187,7 @@ def test_bad_bench_settings_exit_2_before_any_work(extra, word, files, tmp_path,
 
 def test_sweep_keys_name_the_lm_eval_settings_and_solver_options_name_only_dictionary_cells():
     from cospadi.bench.sweep import Sweep
-    from cospadi.methods import SolverOptions
+    from cospadi.solvers import SolverOptions
 
     plain, other = Sweep(lastword_examples=0, wordppl_docs=0), Sweep(options=SolverOptions(sweeps=3, power_iters=1))
     assert "-lw" not in plain.key and "-lw300-wd100-" in Sweep().key and Sweep(lastword_examples=50).key != Sweep().key

@@ -8,8 +8,8 @@ import copy
 import pytest
 import torch
 
-from cospadi.layers import kernels
 from cospadi.errors import CospadiError
+from cospadi.layers import kernels
 from cospadi.layers.linear import DictLinear, LowRankLinear, forward_path
 from cospadi.solvers.factors import LowRankFactors, SparseDictFactors
 
@@ -113,7 +113,7 @@ def test_from_factors_keeps_the_factors():
     m = DictLinear.from_factors(f, None, torch.float32)
     assert torch.equal(m.indices.long(), f.indices) and m.indices.shape == (S, D2)
     assert torch.equal(m.values, f.values) and m.values.shape == (S, D2)
-    assert torch.equal(m.weight(), f.weight())
+    assert torch.equal(m.dense_weight(), f.weight())
     assert sum(p.numel() for p in m.parameters()) == D1 * K + S * D2
     assert set(m.state_dict()) == {"dictionary", "mask", "coefs"}
     assert set(module(coef_bits=14).state_dict()) == {"dictionary", "mask", "coefs14", "bias"}
@@ -149,9 +149,8 @@ def test_deepcopy_and_forward_path_context():
         with forward_path(outer, "sparse"):
             assert m.path == "sparse"
         assert m.path == "auto"
-        with pytest.raises(CospadiError, match="unknown path"):
-            with forward_path(outer, "fast"):
-                pass
+        with pytest.raises(CospadiError, match="unknown path"), forward_path(outer, "fast"):
+            pass
         m.path = "fast"
         with pytest.raises(CospadiError, match="unknown path"):
             m(x)
@@ -173,7 +172,7 @@ def test_low_rank_linear_matches_its_product(dtype):
     expected = x.double() @ (m.left.double() @ m.right.double()) + m.bias.double()
     with torch.no_grad():
         assert rel_error(m(x), expected) < TOLERANCE[dtype]
-    assert torch.allclose(m.weight().float(), (m.left.float() @ m.right.float()).to(dtype).float())
+    assert torch.allclose(m.dense_weight().float(), (m.left.float() @ m.right.float()).to(dtype).float())
 
 
 def test_modules_built_or_used_in_inference_mode():

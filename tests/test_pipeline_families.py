@@ -6,59 +6,22 @@ parameters stay bit-identical, and the whitened baseline beats the plain one end
 
 import pytest
 import torch
-from transformers import (Gemma3ForCausalLM, Gemma3TextConfig, GPT2Config, GPT2LMHeadModel, LlamaConfig,
-                          LlamaForCausalLM, MistralConfig, MistralForCausalLM, Qwen2Config, Qwen2ForCausalLM,
-                          Qwen3Config, Qwen3ForCausalLM)
+from transformers import GPT2Config, GPT2LMHeadModel
 
 from cospadi.adapters import adapter_for, decoder_layers
 from cospadi.errors import CospadiError
-from cospadi.methods import METHODS, SolverOptions, budget_for
 from cospadi.layers.linear import DictLinear, LowRankLinear
-from cospadi.pipeline import capture_block_inputs, compress_blocks
+from cospadi.methods import get_method, method_names
+from cospadi.pipeline import Recipe, capture_block_inputs, compress_blocks
+from cospadi.solvers import SolverOptions
 
 RATIO = 0.3
 OPTIONS = SolverOptions(iters=3)
-SEQ_LEN = 24
-WINDOW = 8
-
-COMMON = dict(vocab_size=300, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-              num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=64)
-
-
-@pytest.fixture(autouse=True, scope="module")
-def single_thread():
-    """Tiny matrices: one intra-op thread avoids spin contention on a shared machine.
-    The previous setting is restored."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-def build(family: str) -> torch.nn.Module:
-    torch.manual_seed(0)
-    if family == "llama":
-        model = LlamaForCausalLM(LlamaConfig(**COMMON))
-    elif family == "mistral":
-        model = MistralForCausalLM(MistralConfig(**COMMON))
-    elif family == "qwen2":
-        model = Qwen2ForCausalLM(Qwen2Config(**COMMON))
-    elif family == "qwen3":
-        model = Qwen3ForCausalLM(Qwen3Config(**COMMON))
-    elif family == "gemma3":
-        config = Gemma3TextConfig(**COMMON, sliding_window=WINDOW, query_pre_attn_scalar=16,
-                                  layer_types=["sliding_attention", "full_attention"])
-        model = Gemma3ForCausalLM(config)
-    else:
-        raise ValueError(family)
-    return model.eval()
-
-
+SEQ_LEN = 24  # of conftest.py's calibration_ids (8 windows)
+WINDOW = 8  # Gemma3's sliding window
+VOCAB = 300  # conftest.py's SMALL vocabulary
 FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "gemma3")
-
-
-def calibration_ids() -> torch.Tensor:
-    return torch.randint(0, COMMON["vocab_size"], (8, SEQ_LEN), generator=torch.Generator().manual_seed(1))
+METHODS = method_names()
 
 
 @torch.no_grad()
@@ -66,31 +29,42 @@ def logits(model: torch.nn.Module, ids: torch.Tensor) -> torch.Tensor:
     return model(input_ids=ids, use_cache=False).logits.double()
 
 
-_RUNS: dict[tuple[str, str], dict] = {}
+@pytest.fixture(scope="module")
+def build(tiny_model):
+    """Factory: a fresh tiny model of `family` (tiny_model; Gemma3's sliding window WINDOW)."""
+    def make(family: str) -> torch.nn.Module:
+        return tiny_model(family, **({"sliding_window": WINDOW} if family == "gemma3" else {}))
+    return make
 
 
-def run(family: str, method: str) -> dict:
-    """Compress a fresh model once per (family, method) and keep what the tests need."""
-    key = (family, method)
-    if key not in _RUNS:
-        model = build(family)
-        ids = calibration_ids()
-        adapter = adapter_for(model)
-        layers = decoder_layers(model)
-        shapes = {(i, name): (layer.get_submodule(name).in_features, layer.get_submodule(name).out_features)
-                  for i, layer in enumerate(layers) for name in adapter.targets}
-        biases = {(i, name): layer.get_submodule(name).bias.detach().clone()
-                  for i, layer in enumerate(layers) for name in adapter.targets
-                  if layer.get_submodule(name).bias is not None}
-        target_prefixes = tuple(f"model.layers.{i}.{name}." for i in range(len(layers)) for name in adapter.targets)
-        untouched = {k: v.detach().clone() for k, v in model.state_dict().items() if not k.startswith(target_prefixes)}
-        dense_count = sum(p.numel() for p in model.parameters())
-        dense_logits = logits(model, ids)
-        report = compress_blocks(model, ids, method, RATIO, OPTIONS, batch_size=4, progress=False)
-        _RUNS[key] = dict(model=model, ids=ids, adapter=adapter, shapes=shapes, biases=biases, untouched=untouched,
-                          dense_count=dense_count, dense_logits=dense_logits, report=report,
-                          logits=logits(model, ids))
-    return _RUNS[key]
+@pytest.fixture(scope="module")
+def run(build, calibration_ids):
+    """Factory: compress a fresh model once per (family, method) and keep what the tests need."""
+    runs: dict[tuple[str, str], dict] = {}
+
+    def get(family: str, method: str) -> dict:
+        key = (family, method)
+        if key not in runs:
+            model = build(family)
+            ids = calibration_ids
+            adapter = adapter_for(model)
+            layers = decoder_layers(model)
+            shapes = {(i, name): (layer.get_submodule(name).in_features, layer.get_submodule(name).out_features)
+                      for i, layer in enumerate(layers) for name in adapter.targets}
+            biases = {(i, name): layer.get_submodule(name).bias.detach().clone()
+                      for i, layer in enumerate(layers) for name in adapter.targets
+                      if layer.get_submodule(name).bias is not None}
+            target_prefixes = tuple(f"model.layers.{i}.{name}." for i in range(len(layers)) for name in adapter.targets)
+            untouched = {k: v.detach().clone() for k, v in model.state_dict().items()
+                         if not k.startswith(target_prefixes)}
+            dense_count = sum(p.numel() for p in model.parameters())
+            dense_logits = logits(model, ids)
+            report = compress_blocks(model, ids, Recipe(method, RATIO, OPTIONS), batch_size=4, progress=False)
+            runs[key] = dict(model=model, ids=ids, adapter=adapter, shapes=shapes, biases=biases, untouched=untouched,
+                             dense_count=dense_count, dense_logits=dense_logits, report=report,
+                             logits=logits(model, ids))
+        return runs[key]
+    return get
 
 
 def relative_logit_error(r: dict) -> float:
@@ -99,7 +73,7 @@ def relative_logit_error(r: dict) -> float:
 
 @pytest.mark.parametrize("method", METHODS)
 @pytest.mark.parametrize("family", FAMILIES)
-def test_compress_blocks_swaps_budgeted_modules(family, method):
+def test_compress_blocks_swaps_budgeted_modules(family, method, run):
     r = run(family, method)
     model, adapter, report = r["model"], r["adapter"], r["report"]
     layers = decoder_layers(model)
@@ -111,7 +85,7 @@ def test_compress_blocks_swaps_budgeted_modules(family, method):
             assert type(module) is expected_type, f"block {i} {name} is {type(module).__name__}"
             d1, d2 = r["shapes"][(i, name)]
             assert (module.in_features, module.out_features) == (d1, d2)
-            budget = budget_for(method, d1, d2, RATIO, OPTIONS)
+            budget = get_method(method).budget(d1, d2, RATIO, OPTIONS)
             if method == "cospadi":
                 count = module.dictionary.numel() + module.values.numel()
                 assert module.dictionary.shape == (d1, budget.atoms)
@@ -128,7 +102,7 @@ def test_compress_blocks_swaps_budgeted_modules(family, method):
 
 @pytest.mark.parametrize("method", METHODS)
 @pytest.mark.parametrize("family", FAMILIES)
-def test_report_accounts_for_every_target(family, method):
+def test_report_accounts_for_every_target(family, method, run):
     r = run(family, method)
     report, adapter = r["report"], r["adapter"]
     assert report.method == method and report.ratio == RATIO
@@ -137,7 +111,7 @@ def test_report_accounts_for_every_target(family, method):
     assert keys == [(i, name) for i in range(2) for name in adapter.targets]
     for m in report.matrices:
         assert (m.d1, m.d2) == r["shapes"][(m.layer, m.name)]
-        budget = budget_for(method, m.d1, m.d2, RATIO, OPTIONS)
+        budget = get_method(method).budget(m.d1, m.d2, RATIO, OPTIONS)
         assert m.effective_params == budget.effective_params
         assert m.storage_words == pytest.approx(budget.storage_words)
         assert 0.0 < m.output_error < 1.0
@@ -153,7 +127,7 @@ def test_report_accounts_for_every_target(family, method):
 
 @pytest.mark.parametrize("method", METHODS)
 @pytest.mark.parametrize("family", FAMILIES)
-def test_untouched_parameters_and_biases_preserved(family, method):
+def test_untouched_parameters_and_biases_preserved(family, method, run):
     r = run(family, method)
     state = r["model"].state_dict()
     for key, value in r["untouched"].items():
@@ -170,16 +144,16 @@ def test_untouched_parameters_and_biases_preserved(family, method):
 
 @pytest.mark.parametrize("method", METHODS)
 @pytest.mark.parametrize("family", FAMILIES)
-def test_compressed_logits_finite_and_changed(family, method):
+def test_compressed_logits_finite_and_changed(family, method, run):
     r = run(family, method)
     assert bool(torch.isfinite(r["logits"]).all())
-    assert r["logits"].shape == r["dense_logits"].shape == (8, SEQ_LEN, COMMON["vocab_size"])
+    assert r["logits"].shape == r["dense_logits"].shape == (8, SEQ_LEN, VOCAB)
     # Gemma3's post-norms amplify block changes, so the error may exceed 1 at random init.
     assert 1e-3 < relative_logit_error(r) < 3.0
 
 
 @pytest.mark.parametrize("family", FAMILIES)
-def test_svd_llm_beats_svd_on_calibration_logits(family):
+def test_svd_llm_beats_svd_on_calibration_logits(family, run):
     e_llm = relative_logit_error(run(family, "svd-llm"))
     e_svd = relative_logit_error(run(family, "svd"))
     assert e_llm < e_svd
@@ -201,11 +175,11 @@ def _allowed(mask: torch.Tensor | None, length: int) -> torch.Tensor:
     return m if m.dtype == torch.bool else m == 0
 
 
-def test_gemma3_sliding_and_full_layers_get_different_kwargs():
+def test_gemma3_sliding_and_full_layers_get_different_kwargs(build, calibration_ids):
     model = build("gemma3")
     layers = decoder_layers(model)
     assert model.config.layer_types == ["sliding_attention", "full_attention"]
-    ids = calibration_ids()
+    ids = calibration_ids
     states, kwargs = capture_block_inputs(model, layers, ids, batch_size=3)
     assert [s.shape for s in states] == [(3, SEQ_LEN, 64), (3, SEQ_LEN, 64), (2, SEQ_LEN, 64)]
     for per_block in kwargs:
@@ -228,25 +202,25 @@ def test_unsupported_architecture_raises():
     model = GPT2LMHeadModel(GPT2Config(vocab_size=100, n_positions=32, n_embd=32, n_layer=1, n_head=2)).eval()
     ids = torch.randint(0, 100, (2, 8), generator=torch.Generator().manual_seed(0))
     with pytest.raises(CospadiError, match="llama") as info:
-        compress_blocks(model, ids, "svd", RATIO, OPTIONS, batch_size=2, progress=False)
+        compress_blocks(model, ids, Recipe("svd", RATIO, OPTIONS), batch_size=2, progress=False)
     assert "gpt2" in str(info.value)
 
 
-def test_non_finite_weight_raises_naming_block():
+def test_non_finite_weight_raises_naming_block(build, calibration_ids):
     model = build("llama")
     with torch.no_grad():
         model.model.layers[1].mlp.down_proj.weight[3, 5] = float("nan")
     with pytest.raises(CospadiError, match=r"block 1 mlp\.down_proj"):
-        compress_blocks(model, calibration_ids(), "svd-llm", RATIO, OPTIONS, batch_size=4, progress=False)
+        compress_blocks(model, calibration_ids, Recipe("svd-llm", RATIO, OPTIONS), batch_size=4, progress=False)
     # Nothing was replaced before the check.
     for layer in decoder_layers(model):
         assert type(layer.mlp.gate_proj) is torch.nn.Linear
         assert type(layer.self_attn.q_proj) is torch.nn.Linear
 
 
-def test_unknown_method_and_bad_ratio_raise_before_work():
+def test_unknown_method_and_bad_ratio_raise_before_work(build, calibration_ids):
     model = build("llama")
     with pytest.raises(CospadiError, match="svd-llm"):
-        compress_blocks(model, calibration_ids(), "pca", RATIO, OPTIONS, batch_size=4, progress=False)
+        compress_blocks(model, calibration_ids, Recipe("pca", RATIO, OPTIONS), batch_size=4, progress=False)
     with pytest.raises(CospadiError):
-        compress_blocks(model, calibration_ids(), "svd", 1.2, OPTIONS, batch_size=4, progress=False)
+        compress_blocks(model, calibration_ids, Recipe("svd", 1.2, OPTIONS), batch_size=4, progress=False)

@@ -16,9 +16,9 @@ import cospadi
 from cospadi import api
 from cospadi.adapters import adapter_for, decoder_layers
 from cospadi.budget import dict_budget
-from cospadi.storage.export import export_dense
 from cospadi.layers.linear import DictLinear
 from cospadi.solvers.factors import SparseDictFactors
+from cospadi.storage.export import export_dense
 
 
 def quick_factors(weight: torch.Tensor, ratio: float) -> SparseDictFactors:

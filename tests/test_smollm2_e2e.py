@@ -25,12 +25,14 @@ import torch
 from cospadi import api
 from cospadi.adapters import adapter_for
 from cospadi.evaluation.perplexity import perplexity
-from cospadi.methods import METHODS, SolverOptions, budget_for
 from cospadi.layers.linear import DictLinear, LowRankLinear
-from cospadi.pipeline import compress_blocks
+from cospadi.methods import get_method, method_names
+from cospadi.pipeline import Recipe, compress_blocks
+from cospadi.solvers import SolverOptions
 
 RATIO = 0.3
 OPTIONS = SolverOptions(iters=2)
+METHODS = method_names()
 BLOCKS = 2
 CALIB_SAMPLES, SEQ_LEN, EVAL_WINDOWS = 4, 128, 2
 
@@ -91,7 +93,7 @@ def e2e(smollm2):
                   dense_block_out=last_block_output(dense, windows), methods={})
     for method in METHODS:
         compressed = copy.deepcopy(dense)
-        report = compress_blocks(compressed, calib, method, RATIO, OPTIONS, batch_size=4, progress=False)
+        report = compress_blocks(compressed, calib, Recipe(method, RATIO, OPTIONS), batch_size=4, progress=False)
         with torch.no_grad():
             logits = compressed(input_ids=windows, use_cache=False).logits
         block_out = last_block_output(compressed, windows)
@@ -139,7 +141,7 @@ def test_every_compressed_module_holds_its_budget(e2e, method):
         module = r["model"].model.layers[m.layer].get_submodule(m.name)
         assert type(module) is expected_type, f"block {m.layer} {m.name}"
         d1, d2 = e2e["shapes"][(m.layer, m.name)]
-        budget = budget_for(method, d1, d2, RATIO, OPTIONS)
+        budget = get_method(method).budget(d1, d2, RATIO, OPTIONS)
         count = sum(p.numel() for p in module.parameters())  # SmolLM2 has no biases
         assert count == budget.effective_params == m.effective_params, f"block {m.layer} {m.name}"
         assert (1 - RATIO) * d1 * d2 - 2 * (d1 + d2) < count <= (1 - RATIO) * d1 * d2  # removes ~the asked fraction

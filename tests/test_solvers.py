@@ -11,20 +11,21 @@ from hypothesis import strategies as st
 
 from cospadi.budget import DictBudget, LowRankBudget, dict_budget, lowrank_budget, ratios
 from cospadi.errors import CospadiError
-from cospadi.solvers import (SparseDictFactors, batch_omp, cholesky_upper, cospadi, learn_dictionary,
-                             output_error, svd, svd_llm, unwhiten, whiten)
+from cospadi.solvers import (
+    PAPER,
+    SparseDictFactors,
+    batch_omp,
+    cholesky_upper,
+    cospadi,
+    learn_dictionary,
+    output_error,
+    svd,
+    svd_llm,
+    unwhiten,
+    whiten,
+)
 
 F64 = torch.float64
-
-
-@pytest.fixture(autouse=True, scope="module")
-def single_thread():
-    """These problems are tiny: one intra-op thread avoids spin contention on a shared
-    machine (up to 50x slower otherwise). The previous setting is restored."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def gen(seed: int) -> torch.Generator:
@@ -108,7 +109,7 @@ def test_lowrank_budget_hand_computed():
     (14, 35, 0.3, 7),     # 0.7 * 490 / 49 = 7 exactly
 ])
 def test_lowrank_budget_exact_integer_cases(d1, d2, ratio, rank):
-    """When (1 - ratio) d1 d2 / (d1 + d2) is an integer, r is that integer (METHOD.md:
+    """When (1 - ratio) d1 d2 / (d1 + d2) is an integer, r is that integer (docs/method.md "Budget":
     r (d1 + d2) = (1 - gamma) d1 d2), not one less from float rounding of 1 - ratio.
     dict_budget guards its floor with + 1e-9; lowrank_budget must too."""
     assert lowrank_budget(d1, d2, ratio).rank == rank
@@ -296,7 +297,7 @@ def test_svd_llm_with_identity_gram_equals_svd():
 def naive_omp(d: torch.Tensor, y: torch.Tensor, s: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Textbook OMP, one column at a time: pick the atom with the largest normalised
     correlation with the residual, refit least squares on the support."""
-    k, m = d.shape[1], y.shape[1]
+    m = y.shape[1]
     norms = d.norm(dim=0)
     indices = torch.empty(s, m, dtype=torch.long)
     values = torch.empty(s, m, dtype=y.dtype)
@@ -392,7 +393,7 @@ def test_learn_dictionary_objective_non_increasing_and_consistent():
     y = randn(20, 150, seed=40)
     k, s = 12, 3
     seen: list[tuple[int, float]] = []
-    r = learn_dictionary(y, k, s, iters=10, on_iter=lambda t, obj: seen.append((t, obj)))
+    r = learn_dictionary(y, k, s, PAPER.but(iters=10), on_iter=lambda t, obj: seen.append((t, obj)))
     assert len(r.objective) == 10
     assert seen == list(enumerate(r.objective))
     for before, after in zip(r.objective, r.objective[1:]):
@@ -409,9 +410,9 @@ def test_learn_dictionary_objective_non_increasing_and_consistent():
 
 def test_learn_dictionary_seeded():
     y = randn(16, 80, seed=41)
-    a = learn_dictionary(y, 10, 2, iters=3, seed=7)
-    b = learn_dictionary(y, 10, 2, iters=3, seed=7)
-    c = learn_dictionary(y, 10, 2, iters=3, seed=8)
+    a = learn_dictionary(y, 10, 2, PAPER.but(iters=3, seed=7))
+    b = learn_dictionary(y, 10, 2, PAPER.but(iters=3, seed=7))
+    c = learn_dictionary(y, 10, 2, PAPER.but(iters=3, seed=8))
     assert torch.equal(a.dictionary, b.dictionary)
     assert torch.equal(a.indices, b.indices)
     assert torch.equal(a.values, b.values)
@@ -424,7 +425,7 @@ def test_learn_dictionary_from_perturbed_truth_converges():
     d0, s0 = planted(n, k, s, m, seed=42)
     y = d0 @ s0
     init = d0 + 1e-3 * randn(n, k, seed=43)
-    r = learn_dictionary(y, k, s, iters=12, init=init)
+    r = learn_dictionary(y, k, s, PAPER.but(iters=12), start=init)
     rel = math.sqrt(r.objective[-1]) / float(y.norm())
     assert rel < 1e-6
     # The learned atoms are the planted ones (up to sign).
@@ -436,7 +437,7 @@ def test_learn_dictionary_random_init_beats_rank_s_svd_on_union_of_subspaces():
     n, k, s, m = 30, 20, 3, 600
     d0, s0 = planted(n, k, s, m, seed=44)
     y = d0 @ s0
-    r = learn_dictionary(y, k, s, iters=40)
+    r = learn_dictionary(y, k, s, PAPER.but(iters=40))
     rel = math.sqrt(r.objective[-1]) / float(y.norm())
     sigma = torch.linalg.svdvals(y)
     svd_rel = float(sigma[s:].square().sum().sqrt() / sigma.square().sum().sqrt())
@@ -457,7 +458,7 @@ def union_of_subspaces_problem(d1: int, d2: int, ratio: float, seed: int):
 
 def test_cospadi_factors_shape_sparsity_and_weight():
     w, g, budget = union_of_subspaces_problem(24, 100, 0.5, seed=50)
-    f = cospadi(w, g, budget, iters=4)
+    f = cospadi(w, g, budget, PAPER.but(iters=4))
     assert isinstance(f, SparseDictFactors)
     k, s = budget.atoms, budget.sparsity
     assert f.dictionary.shape == (24, k) and f.dictionary.dtype == F64
@@ -478,7 +479,7 @@ def test_cospadi_beats_svd_llm_on_union_of_subspaces():
     lr = lowrank_budget(d1, d2, ratio)
     # Same budget family: both keep about 40% of the numbers.
     assert abs(budget.effective_params - lr.effective_params) <= 0.05 * d1 * d2
-    e_dict = output_error(g, w, cospadi(w, g, budget, iters=15).weight())
+    e_dict = output_error(g, w, cospadi(w, g, budget, PAPER.but(iters=15)).weight())
     e_llm = output_error(g, w, svd_llm(w, g, lr).weight())
     e_svd = output_error(g, w, svd(w, g, lr).weight())
     assert e_llm < e_svd
@@ -488,8 +489,8 @@ def test_cospadi_beats_svd_llm_on_union_of_subspaces():
 def test_cospadi_identity_gram_is_plain_dictionary_learning():
     w = randn(12, 40, seed=52)
     budget = DictBudget(12, 40, 8, 3)
-    f = cospadi(w, torch.eye(12, dtype=F64), budget, iters=3, seed=5, dtype=F64)
-    r = learn_dictionary(w, 8, 3, iters=3, seed=5)
+    f = cospadi(w, torch.eye(12, dtype=F64), budget, PAPER.but(iters=3, seed=5), dtype=F64)
+    r = learn_dictionary(w, 8, 3, PAPER.but(iters=3, seed=5))
     assert torch.allclose(f.dictionary, r.dictionary, rtol=1e-12, atol=1e-12)
     assert torch.equal(f.indices, r.indices)
     assert torch.allclose(f.values, r.values, rtol=1e-12, atol=1e-12)
@@ -498,7 +499,7 @@ def test_cospadi_identity_gram_is_plain_dictionary_learning():
 def test_cospadi_error_matches_whitened_objective():
     w, g, budget = union_of_subspaces_problem(16, 60, 0.5, seed=53)
     history: list[float] = []
-    f = cospadi(w, g, budget, iters=5, dtype=F64, on_iter=lambda t, obj: history.append(obj))
+    f = cospadi(w, g, budget, PAPER.but(iters=5), dtype=F64, on_iter=lambda t, obj: history.append(obj))
     upper = cholesky_upper(g)
     # ||L (W - D S)||^2 is the objective the learner minimised on L W.
     whitened_sq = float((upper @ (w - f.weight())).square().sum())

@@ -9,14 +9,16 @@ from __future__ import annotations
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+from .allocation import RatioMap
 from .budget import check_ratio
 from .data import calibration_windows, evaluation_windows, load_corpus, tokenize_corpus
 from .evaluation.perplexity import perplexity
 from .groups import resolve_group_size
-from .methods import SolverOptions, check_method
+from .methods import get_method
 from .models import needs_bos
-from .pipeline import compress_blocks
+from .pipeline import Recipe, compress_blocks
 from .report import CompressionReport
+from .solvers import SolverOptions
 
 DEFAULT_CALIB_SAMPLES = 32
 DEFAULT_SEQ_LEN = 512
@@ -48,7 +50,7 @@ def compress(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, texts: 
              calib_samples: int = DEFAULT_CALIB_SAMPLES, seq_len: int = DEFAULT_SEQ_LEN, batch_size: int = 8,
              progress: bool = True, workers: int | None = None, group_size: int | None = None,
              resume_dir: str | None = None, device: str | torch.device | None = None,
-             **solver: object) -> tuple[PreTrainedModel, CompressionReport]:
+             ratios: RatioMap | None = None, **solver: object) -> tuple[PreTrainedModel, CompressionReport]:
     """Compress `model` in place: every q/k/v/o/gate/up/down linear of every block becomes
     a DictLinear (method "cospadi") or LowRankLinear ("svd", "svd-llm", "basis-sharing")
     removing `ratio` of its weights, calibrated on `calib_samples` windows of `seq_len`
@@ -56,20 +58,21 @@ def compress(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, texts: 
     consecutive blocks whose q/k/v/gate/up share one dictionary (cospadi) or basis
     (basis-sharing) per kind, o/down staying per layer; None: the method's default (2 for
     basis-sharing, else 1 = per layer). `solver` keywords are SolverOptions fields (rho,
-    solver, iters, power_iters, sweeps, init, seed). Returns the same model object and a
+    solver, init, iters, sweeps, power_iters, rounds, seed; defaults in
+    solvers/options.py). Returns the same model object and a
     CompressionReport. `resume_dir`: save progress there after every block (or group) and
     resume from it when it already holds progress of this same run (pipeline.compress_blocks).
     `device` ("auto", "cpu", "cuda", "cuda:N"; None: the model's own): where calibration
     and the solvers run, one block at a time, the model itself staying where it is.
     """
-    check_method(method)
     check_ratio(ratio)
-    group_size = resolve_group_size(method, group_size)
-    options = SolverOptions(**solver)
+    group_size = resolve_group_size(get_method(method), group_size)
+    options = SolverOptions(**solver)  # type: ignore[arg-type]
     if input_ids is None:
         input_ids = calibration_ids(model, tokenizer, texts, calib_samples, seq_len, options.seed)
-    report = compress_blocks(model, input_ids, method, ratio, options, batch_size=batch_size, progress=progress,
-                             workers=workers, group_size=group_size, resume_dir=resume_dir, device=device)
+    recipe = Recipe(method, ratio, options, group_size, ratios)
+    report = compress_blocks(model, input_ids, recipe, batch_size=batch_size, progress=progress, workers=workers,
+                             resume_dir=resume_dir, device=device)
     return model, report
 
 

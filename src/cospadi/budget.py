@@ -1,4 +1,4 @@
-"""Compression budgets (METHOD.md "Budget") and the two ratio accountings.
+"""Compression budgets (docs/method.md "Budget") and the two ratio accountings.
 
 A linear `y = x W` with `W` of shape (d1, d2) keeps, at compression ratio `gamma`:
   * low rank:   r with r (d1 + m d2) = (1 - gamma) m d1 d2, where m matrices share one

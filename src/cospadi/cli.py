@@ -2,33 +2,33 @@
 from __future__ import annotations
 
 import argparse
-from dataclasses import asdict
 import json
 import os
 import sys
 import time
+from dataclasses import asdict, fields
+from pathlib import Path
 
 import torch
 import transformers
 
-from pathlib import Path
-
 from . import api
-from .bench import sweep as bench
 from .bench import infer as bench_infer
 from .bench import plot as bench_plot
 from .bench import solver as bench_solver
-from .storage import export
+from .bench import sweep as bench
 from .budget import check_ratio
-from .storage.checkpoint import DTYPES, parse_dtype, save
 from .data import load_corpus
 from .devices import resolve_device, visiting
 from .errors import CospadiError
 from .evaluation.perplexity import perplexity
 from .groups import resolve_group_size
-from .methods import METHODS, SolverOptions
+from .methods import get_method, method_names
 from .models import load_model
 from .report import CompressionReport, peak_rss_mb, results_table
+from .solvers import SolverOptions
+from .storage import export
+from .storage.checkpoint import DTYPES, parse_dtype, save
 
 
 def _add_text_args(p: argparse.ArgumentParser) -> None:
@@ -43,17 +43,11 @@ def _add_text_args(p: argparse.ArgumentParser) -> None:
 
 
 def _add_solver_args(p: argparse.ArgumentParser) -> None:
-    d = SolverOptions()
-    p.add_argument("--rho", type=float, default=d.rho, help="atoms per nonzero, k / s (paper: 2)")
-    p.add_argument("--solver", default=d.solver, help="ksvd (Batch-OMP + K-SVD), orthogonal, or single-step")
-    p.add_argument("--init", default=d.init, help="ksvd start: orthogonal, svd, or random (paper)")
-    p.add_argument("--iters", type=int, default=d.iters, help="ksvd alternations of OMP + sweeps (paper: 60)")
-    p.add_argument("--sweeps", type=int, default=d.sweeps, help="K-SVD sweeps per alternation (paper: 1)")
-    p.add_argument("--power-iters", type=int, default=d.power_iters, help="power iterations per atom (paper: 8)")
-    p.add_argument("--rounds", type=int, default=d.rounds,
-                   help="at most this many rounds of the orthogonal start / solver (40: about +15%% time, "
-                        "lower error)")
-    p.add_argument("--seed", type=int, default=d.seed, help="seed of calibration sampling and random starts")
+    """One flag per SolverOptions field (--power-iters for power_iters), its default and
+    help taken from the field: solvers/options.py is the only place they are written."""
+    for option in fields(SolverOptions):
+        p.add_argument("--" + option.name.replace("_", "-"), type=type(option.default), default=option.default,
+                       help=option.metadata["help"])
     p.add_argument("--workers", type=int, default=None, help="matrices solved at once (default: torch threads)")
 
 
@@ -63,17 +57,37 @@ def _add_device_arg(p: argparse.ArgumentParser, what: str) -> None:
 
 
 def _solver_options(args: argparse.Namespace) -> SolverOptions:
-    return SolverOptions(rho=args.rho, solver=args.solver, iters=args.iters, power_iters=args.power_iters,
-                         sweeps=args.sweeps, init=args.init, seed=args.seed, rounds=args.rounds)
+    return SolverOptions(**{option.name: getattr(args, option.name) for option in fields(SolverOptions)})
+
+
+class _DefaultsFormatter(argparse.HelpFormatter):
+    """Help that ends each option with its default, unless the default is unset (None,
+    a flag's False) or the help already says what happens by default."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if action.default is None or action.default is False or action.default == argparse.SUPPRESS \
+                or "default" in text:
+            return text
+        return text + " (default: %(default)s)"
+
+
+class _Parser(argparse.ArgumentParser):
+    """An ArgumentParser (and, through add_subparsers, subcommand parsers) whose --help
+    shows every option's default."""
+
+    def __init__(self, *args: object, **kwargs: object) -> None:
+        kwargs.setdefault("formatter_class", _DefaultsFormatter)
+        super().__init__(*args, **kwargs)  # type: ignore[arg-type]
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="cospadi", description="Training-free LLM compression with "
+    parser = _Parser(prog="cospadi", description="Training-free LLM compression with "
                                      "calibration-guided sparse dictionaries (CoSpaDi) and low-rank baselines.")
     sub = parser.add_subparsers(dest="command", required=True)
     c = sub.add_parser("compress", help="compress a model and report ratio, perplexity, time and memory")
     _add_text_args(c)
-    c.add_argument("--method", default="cospadi", help=f"one of {', '.join(METHODS)}")
+    c.add_argument("--method", default="cospadi", help=f"one of {', '.join(method_names())}")
     c.add_argument("--group-size", type=int, default=None,
                    help="consecutive blocks whose q/k/v/gate/up share one dictionary (cospadi) or basis "
                         "(basis-sharing); o/down stay per layer (default: 2 for basis-sharing, else 1 = per layer; "
@@ -157,15 +171,14 @@ def run_compress(args: argparse.Namespace) -> list[dict]:
     """Validate everything cheap first, then load, evaluate, compress, evaluate, save."""
     check_ratio(args.ratio)
     options = _solver_options(args)
-    if args.method not in METHODS:
-        raise CospadiError(f"unknown method {args.method!r}; choose one of: {', '.join(METHODS)}")
+    method = get_method(args.method)
     if args.eval_windows < 0:
         raise CospadiError(f"--eval-windows {args.eval_windows} must be 0 (skip) or more")
     for name in ("calib_samples", "seq_len", "batch_size"):
         _positive("--" + name.replace("_", "-"), getattr(args, name))
     parse_dtype(args.dtype)
     device = resolve_device(args.device)
-    group_size = resolve_group_size(args.method, args.group_size)
+    group_size = resolve_group_size(method, args.group_size)
     calib_texts, eval_texts = load_corpus(args.data)
     model, tokenizer = load_model(args.model)
     ids = api.calibration_ids(model, tokenizer, calib_texts, args.calib_samples, args.seq_len, args.seed)
@@ -212,7 +225,7 @@ def run_eval(args: argparse.Namespace) -> list[dict]:
     _positive("--eval-windows", args.eval_windows)
     tasks = None
     if args.tasks is not None:
-        from .evaluation.lm_eval_runner import require_lm_eval, parse_tasks
+        from .evaluation.lm_eval_runner import parse_tasks, require_lm_eval
 
         tasks = parse_tasks(args.tasks)
         for name in ("lastword_examples", "wordppl_docs", "batch_size"):

@@ -1,7 +1,6 @@
-"""Which blocks form a group and which of their linears share one factor (METHOD.md
-"Per-group mode", the Basis Sharing protocol): consecutive blocks form groups of
-`group_size`; within a group the q, k, v, gate and up projections of each kind share one
-dictionary (or basis) across the blocks, while o and down stay per layer.
+"""Which blocks form a group in per-group mode (docs/method.md "Per-group mode"):
+consecutive blocks in groups of `group_size`; which of their linears share a factor is
+the family adapter's rule (adapters.Adapter.shared).
 
 When group_size does not divide the number of blocks, the last group is shorter: 30
 blocks in groups of 4 give seven groups of 4 and one of 2; a last group of one block is
@@ -9,26 +8,23 @@ compressed per layer (its budget formula is then the per-layer one). A group siz
 than the model puts every block in one group."""
 from __future__ import annotations
 
-from .adapters import ATTENTION, GATE_UP
 from .errors import CospadiError
-
-SHARED = ATTENTION + GATE_UP  # q, k, v, gate, up: one factor per kind per group
-GROUPED_METHODS = ("basis-sharing", "cospadi")  # methods that can share a factor across blocks
-DEFAULT_GROUP_SIZE = {"basis-sharing": 2}  # the paper's grouping; every other method: 1 (per layer)
+from .methods import REGISTRY, Method
 
 
-def check_group_size(group_size: int, method: str) -> None:
+def check_group_size(group_size: int, method: Method) -> None:
     """CospadiError unless `group_size` is an integer >= 1 that `method` supports."""
     if not isinstance(group_size, int) or isinstance(group_size, bool) or group_size < 1:
         raise CospadiError(f"group size {group_size!r} must be an integer >= 1 (1: per layer; the paper: 2)")
-    if group_size > 1 and method not in GROUPED_METHODS:
-        raise CospadiError(f"method {method} compresses each layer on its own and takes no --group-size; "
-                           f"share factors across blocks with one of: {', '.join(GROUPED_METHODS)}")
+    if group_size > 1 and not method.shares:
+        grouped = ", ".join(name for name, m in REGISTRY.items() if m.shares)
+        raise CospadiError(f"method {method.name} compresses each layer on its own and takes no --group-size; "
+                           f"share factors across blocks with one of: {grouped}")
 
 
-def resolve_group_size(method: str, group_size: int | None) -> int:
+def resolve_group_size(method: Method, group_size: int | None) -> int:
     """The group size a run uses: `group_size`, or the method's default when None."""
-    size = DEFAULT_GROUP_SIZE.get(method, 1) if group_size is None else group_size
+    size = method.default_group_size if group_size is None else group_size
     check_group_size(size, method)
     return size
 
@@ -42,8 +38,3 @@ def block_groups(n_blocks: int, group_size: int) -> list[list[int]]:
     if not isinstance(group_size, int) or group_size < 1:
         raise CospadiError(f"group size {group_size!r} must be an integer >= 1")
     return [list(range(start, min(start + group_size, n_blocks))) for start in range(0, n_blocks, group_size)]
-
-
-def is_shared(name: str) -> bool:
-    """Whether the linear `name` (relative to a block) shares its factor across a group."""
-    return name in SHARED

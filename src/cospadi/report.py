@@ -15,7 +15,7 @@ def peak_rss_mb() -> float:
 
 @dataclass
 class MatrixReport:
-    """One compressed linear: `rank` for low rank, `atoms`/`sparsity` for dictionaries;
+    """One compressed linear at its `ratio`: `rank` for low rank, `atoms`/`sparsity` for dictionaries;
     output_error = ||X (W - W')||_F / ||X W||_F on the calibration inputs. A linear that
     shares its left factor with `members` - 1 others (`shared` names the factor) carries
     1/members of the shared factor's storage and solve time besides its own coefficients,
@@ -25,6 +25,7 @@ class MatrixReport:
     name: str
     d1: int
     d2: int
+    ratio: float  # the fraction of this matrix removed (its allocation; the run's ratio when uniform)
     effective_params: float
     storage_words: float
     output_error: float

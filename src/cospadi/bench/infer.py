@@ -22,17 +22,19 @@ from pathlib import Path
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from .. import api
-from .sweep import write_section
 from ..budget import check_ratio
-from ..storage.checkpoint import atomic_folder, parse_dtype, save, to_storage
-from ..layers.coefficients import check_coef_bits
 from ..data import load_corpus
 from ..errors import CospadiError
-from ..storage.folder_checks import check_safetensors, read_config, weight_files
+from ..files import atomic_folder
+from ..layers.coefficients import check_coef_bits
 from ..layers.kernels import SPARSE_MAX_ROWS
-from ..methods import METHODS, SolverOptions, check_method
+from ..methods import get_method, method_names
 from ..models import load_model
 from ..report import results_table
+from ..solvers import SolverOptions
+from ..storage.checkpoint import parse_dtype, save, to_storage
+from ..storage.folder_checks import check_safetensors, read_config, weight_files
+from .sweep import write_section
 
 TARGETS = {"linear bytes": 0.71, "decode": 1.0, "prefill": 0.8}  # vs dense, from the issue
 
@@ -66,7 +68,7 @@ class InferBench:
         """CospadiError for any unusable setting, before any work."""
         check_ratio(self.ratio)
         for method in self.methods:
-            check_method(method)
+            get_method(method)
         parse_dtype(self.storage_dtype)
         parse_dtype(self.compute_dtype)
         check_coef_bits(self.coef_bits)
@@ -265,7 +267,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default=d.model, help="built-in name, local folder or hub id")
     p.add_argument("--data", default=d.data, help="'wiki' or a .txt / .jsonl file (calibration and prompts)")
     p.add_argument("--ratio", type=float, default=d.ratio, help="compression ratio of both methods")
-    p.add_argument("--methods", default=",".join(d.methods), help=f"comma-separated, from {', '.join(METHODS)}")
+    p.add_argument("--methods", default=",".join(d.methods), help=f"comma-separated, from {', '.join(method_names())}")
     p.add_argument("--storage-dtype", default=d.storage_dtype, help="dtype of every saved folder")
     p.add_argument("--coef-bits", type=int, default=d.coef_bits, help="14: packed 14-bit values of S; 0: none")
     p.add_argument("--compute-dtype", default=d.compute_dtype, help="dtype the models run at")

@@ -22,9 +22,9 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from ..storage.checkpoint import parse_dtype
-from ..storage.hf_integration import realign
 from ..layers.linear import forward_path
+from ..storage.checkpoint import parse_dtype
+from ..storage.memory import realign
 
 
 def reset_peak_rss() -> bool:

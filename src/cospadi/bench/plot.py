@@ -7,7 +7,7 @@ import math
 from pathlib import Path
 
 from ..errors import CospadiError
-from ..storage.checkpoint import atomic_file
+from ..files import atomic_file
 
 PANELS = (("token_ppl", "token perplexity", True), ("word_ppl", "word perplexity (lm-eval)", True),
           ("lastword_acc", "last-word accuracy", False))

@@ -11,20 +11,19 @@ import torch
 
 from .. import api
 from ..adapters import adapter_for, decoder_layers
-from ..devices import synchronize
 from ..budget import dict_budget, lowrank_budget
+from ..devices import synchronize
 from ..errors import CospadiError
-from ..methods import SolverOptions, factorize
+from ..files import atomic_file
+from ..methods import get_method
 from ..models import load_model
 from ..pipeline import accumulate_grams, capture_block_inputs, run_block
-from ..solvers import output_error, svd_llm
-from ..storage.checkpoint import atomic_file
-
+from ..solvers import PAPER, SolverOptions, output_error, svd_llm
 
 CONFIGS: dict[str, SolverOptions] = {
     "default": SolverOptions(),
     "default-40": SolverOptions(rounds=40),  # the default with a longer orthogonal start
-    "paper": SolverOptions(solver="ksvd", init="random", iters=60, power_iters=8, sweeps=1),
+    "paper": PAPER,
     "orthogonal": SolverOptions(solver="orthogonal"),
     "single-step": SolverOptions(solver="single-step"),
 }
@@ -87,6 +86,7 @@ def compare(matrices: dict[str, tuple[torch.Tensor, torch.Tensor]], names: list[
     at the same ratio. With "paper" among `configs`, every row also gets its error and
     speed relative to that reference."""
     rows = []
+    cospadi = get_method("cospadi")
     for name in names:
         if name not in matrices:
             raise CospadiError(f"unknown matrix {name!r}; choose from {', '.join(matrices)}")
@@ -100,7 +100,7 @@ def compare(matrices: dict[str, tuple[torch.Tensor, torch.Tensor]], names: list[
             for label, o in configs.items():
                 budget = dict_budget(d1, d2, ratio, o.rho)
                 runs = paper_repeats if label == "paper" and paper_repeats else repeats
-                factors, seconds = time_solver(lambda: factorize("cospadi", weight, gram, budget, o), runs, device)
+                factors, seconds = time_solver(lambda: cospadi.solve([weight], [gram], budget, o)[0], runs, device)
                 err = output_error(gram, weight, factors.weight())
                 cell.append({"matrix": name, "ratio": ratio, "solver": f"{label}: {describe_options(o)}",
                              "error": err, "x svd-llm": err / base, "seconds": seconds})

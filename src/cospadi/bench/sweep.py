@@ -17,19 +17,29 @@ import torch
 from .. import api
 from ..budget import check_ratio
 from ..data import load_corpus
-from ..evaluation.perplexity import perplexity
 from ..errors import CospadiError
-from ..groups import check_group_size
 from ..evaluation.lm_eval_tasks import LASTWORD, WORDPPL
+from ..evaluation.perplexity import perplexity
+from ..files import atomic_file
+from ..groups import check_group_size
+from ..methods import REGISTRY, get_method
 from ..models import load_model
-from ..methods import SolverOptions
-from ..report import results_table
-from ..storage.checkpoint import atomic_file
+from ..solvers import SolverOptions
 
-# bench label -> (method, shares across a group of blocks)
-BENCH_METHODS: dict[str, tuple[str, bool]] = {
-    "svd": ("svd", False), "svd-llm": ("svd-llm", False), "basis-sharing": ("basis-sharing", True),
-    "cospadi": ("cospadi", False), "cospadi-group": ("cospadi", True)}
+
+def _bench_labels() -> dict[str, tuple[str, bool]]:
+    """bench label -> (method, shares across a group of blocks): every registered method
+    under its name (grouped when its default is), and "<name>-group" for a method that
+    can share but runs per layer by default (cospadi-group)."""
+    labels = {}
+    for name, method in REGISTRY.items():
+        labels[name] = (name, method.default_group_size > 1)
+        if method.shares and method.default_group_size == 1:
+            labels[f"{name}-group"] = (name, True)
+    return labels
+
+
+BENCH_METHODS = _bench_labels()
 DEFAULT_LASTWORD_EXAMPLES = 300
 DEFAULT_WORDPPL_DOCS = 100
 
@@ -73,7 +83,7 @@ class Sweep:
         method, grouped = BENCH_METHODS[label]
         o = self.options
         solver = (f"-rho{o.rho:g}-{o.solver}-{o.init}-r{o.rounds}-it{o.iters}-sw{o.sweeps}-p{o.power_iters}"
-                  if method == "cospadi" else "")
+                  if get_method(method).uses_solver_options else "")
         return f"{label}{f'-g{self.group_size}' if grouped else ''}{solver}-{ratio:g}.json"
 
     def tasks(self) -> list[str]:
@@ -86,7 +96,7 @@ class Sweep:
             check_label(label)
         for ratio in self.ratios:
             check_ratio(ratio)
-        check_group_size(self.group_size, "cospadi")
+        check_group_size(self.group_size, get_method("cospadi"))
         for name in ("lastword_examples", "wordppl_docs"):
             if getattr(self, name) < 0:
                 raise CospadiError(f"--{name.replace('_', '-')} {getattr(self, name)} must be 0 (skip) or more")

@@ -16,8 +16,8 @@ import tempfile
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from ..errors import CospadiError
-from .lm_eval_tasks import DEFAULT_LASTWORD_EXAMPLES, DEFAULT_WORDPPL_DOCS, LOCAL_TASKS, write_tasks
 from ..models import needs_bos
+from .lm_eval_tasks import DEFAULT_LASTWORD_EXAMPLES, DEFAULT_WORDPPL_DOCS, LOCAL_TASKS, write_tasks
 
 # lm-eval metric key -> our column name, in display order
 METRICS = {"acc,none": "acc", "acc_norm,none": "acc_norm", "perplexity,none": "target ppl",

@@ -1,5 +1,5 @@
 """The packed bitmask that stores where the nonzeros of a column-sparse S (k, d2) are
-(METHOD.md "Budget": k * d2 bits, i.e. k * d2 / 16 sixteen-bit words).
+(docs/method.md "Budget": k * d2 bits, i.e. k * d2 / 16 sixteen-bit words).
 
 Layout: the (k, d2) pattern is read column by column, so bit `p = j * k + i` says whether
 S[i, j] is stored; bit p lives in byte p // 8 at position p % 8 (least significant bit

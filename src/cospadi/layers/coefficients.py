@@ -1,7 +1,7 @@
 """14-bit coefficients: bf16 values with their 2 lowest mantissa bits dropped (sign, 8
 exponent bits, 5 mantissa bits), packed 4 to 7 bytes. At rho = k / s = 2 the 2 bits saved
 on each of the s * d2 values pay exactly for the k * d2 bits of the mask, so the full
-storage count (METHOD.md eq. 10) equals the effective one (eq. 11)."""
+storage count (docs/method.md "Budget", eq. 10) equals the effective one (eq. 11)."""
 from __future__ import annotations
 
 import torch

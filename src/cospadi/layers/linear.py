@@ -1,7 +1,7 @@
 """Compressed drop-in replacements for nn.Linear. Both compute y = x W + b with W never
 materialised: LowRankLinear as (x U) V, DictLinear as (x D) S with S column-sparse.
 
-DictLinear stores S as METHOD.md describes: a packed bitmask of its (k, d2) pattern
+DictLinear stores S as docs/method.md "Storage format" describes: a packed bitmask of its (k, d2) pattern
 (`mask`, see bitmask.py) plus the s values of each column in ascending row order
 (`coefs`, (d2, s), at the module's dtype; or `coefs14`, packed 14-bit codes, see
 coefficients.py). Row indices are derived from the mask when the module is first used
@@ -11,19 +11,24 @@ from __future__ import annotations
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
 
+from ..errors import CospadiError
 from . import kernels
+from .base import CompressedLinear
 from .bitmask import mask_to_columns, packed_size, pattern_to_mask
 from .coefficients import check_coef_bits, pack14, packed14_size, unpack14
-from ..errors import CospadiError
-from ..solvers.factors import LowRankFactors, SparseDictFactors
 
 
-class LowRankLinear(nn.Module):
+class LowRankLinear(CompressedLinear):
     """y = (x @ left) @ right + bias; left (in, r), right (r, out)."""
+
+    kind = "lowrank"
+    spec_fields = ("in_features", "out_features", "rank")
+    shared_factor = "left"
 
     def __init__(self, in_features: int, out_features: int, rank: int, bias: bool = False,
                  dtype: torch.dtype = torch.float32, device: torch.device | str | None = None) -> None:
@@ -34,7 +39,18 @@ class LowRankLinear(nn.Module):
         self.bias = nn.Parameter(torch.zeros(out_features, dtype=dtype, device=device)) if bias else None
 
     @classmethod
-    def from_factors(cls, factors: LowRankFactors, bias: torch.Tensor | None, dtype: torch.dtype) -> "LowRankLinear":
+    def from_spec(cls, spec: dict, dtype: torch.dtype, coef_bits: int | None) -> LowRankLinear:
+        return cls(spec["in_features"], spec["out_features"], spec["rank"], bool(spec.get("bias")), dtype)
+
+    @classmethod
+    def tensor_shapes(cls, spec: dict, coef_bits: int | None) -> dict[str, tuple[int, ...]]:
+        return {"left": (spec["in_features"], spec["rank"]), "right": (spec["rank"], spec["out_features"])}
+
+    def describe(self) -> str:
+        return f"{self.in_features}x{self.out_features}, r={self.rank}"
+
+    @classmethod
+    def from_factors(cls, factors: Any, bias: torch.Tensor | None, dtype: torch.dtype) -> LowRankLinear:
         """A module holding the given factors (cast to dtype) and a copy of `bias`."""
         in_features, rank = factors.left.shape
         module = cls(in_features, factors.right.shape[1], rank, bias is not None, dtype, factors.left.device)
@@ -45,7 +61,7 @@ class LowRankLinear(nn.Module):
                 module.bias.copy_(bias)
         return module
 
-    def weight(self) -> torch.Tensor:
+    def dense_weight(self) -> torch.Tensor:
         """W = left @ right, (in, out), multiplied in float32 and cast to the module's dtype."""
         return (self.left.float() @ self.right.float()).to(self.left.dtype)
 
@@ -67,12 +83,16 @@ class _Runtime:
     csr: torch.Tensor | None = None  # S^T (out, k), built on the first sparse call
 
 
-class DictLinear(nn.Module):
+class DictLinear(CompressedLinear):
     """y = (x @ dictionary) @ S + bias; dictionary (in, k); S (k, out) with exactly s
     nonzeros per column, stored as `mask` (packed bits of its pattern) and `coefs`
     (out, s) or `coefs14` (coef_bits=14). `values` and `indices` give S as (s, out)
     values and ascending row indices. `path` picks the forward: "auto" (by input size
     and device, see kernels.choose_path), "dense" or "sparse"."""
+
+    kind = "dict"
+    spec_fields = ("in_features", "out_features", "atoms", "sparsity")
+    shared_factor = "dictionary"
 
     def __init__(self, in_features: int, out_features: int, atoms: int, sparsity: int, bias: bool = False,
                  dtype: torch.dtype = torch.float32, device: torch.device | str | None = None,
@@ -95,7 +115,21 @@ class DictLinear(nn.Module):
         self._runtime: _Runtime | None = None
 
     @classmethod
-    def from_factors(cls, factors: SparseDictFactors, bias: torch.Tensor | None, dtype: torch.dtype) -> "DictLinear":
+    def from_spec(cls, spec: dict, dtype: torch.dtype, coef_bits: int | None) -> DictLinear:
+        return cls(spec["in_features"], spec["out_features"], spec["atoms"], spec["sparsity"], bool(spec.get("bias")),
+                   dtype, coef_bits=coef_bits)
+
+    @classmethod
+    def tensor_shapes(cls, spec: dict, coef_bits: int | None) -> dict[str, tuple[int, ...]]:
+        d1, d2, k, s = (spec[name] for name in cls.spec_fields)
+        values = {"coefs": (d2, s)} if coef_bits is None else {"coefs14": (packed14_size(d2 * s),)}
+        return {"dictionary": (d1, k), "mask": (packed_size(k * d2),), **values}
+
+    def describe(self) -> str:
+        return f"{self.in_features}x{self.out_features}, k={self.atoms}, s={self.sparsity}"
+
+    @classmethod
+    def from_factors(cls, factors: Any, bias: torch.Tensor | None, dtype: torch.dtype) -> DictLinear:
         """A module holding the given factors (cast to dtype) and a copy of `bias`;
         factors.indices must be ascending in every column."""
         in_features, atoms = factors.dictionary.shape
@@ -110,7 +144,7 @@ class DictLinear(nn.Module):
         return module
 
     # ------------------------------------------------------------------ storage
-    def compact_(self, coef_bits: int | None) -> "DictLinear":
+    def compact_(self, coef_bits: int | None) -> DictLinear:
         """Store the values with `coef_bits` (14: truncated to 14 bits and packed; None:
         keep as they are). In place; a no-op when already so. Returns self."""
         check_coef_bits(coef_bits)
@@ -140,7 +174,7 @@ class DictLinear(nn.Module):
                 id(stored), stored.data_ptr(), -1 if stored.is_inference() else stored._version,
                 self._parameters["dictionary"].dtype)
 
-    def prepare(self) -> "DictLinear":
+    def prepare(self) -> DictLinear:
         """Derive the row indices from the mask (checking that every column has exactly s
         bits: CospadiError otherwise) and decode packed values. Runs by itself on first
         use; call it after loading to fail early. Returns self."""
@@ -165,7 +199,7 @@ class DictLinear(nn.Module):
         dense = torch.zeros(self.atoms, self.out_features, dtype=self.dictionary.dtype, device=self.mask.device)
         return dense.scatter(0, self.indices.long(), self.values)
 
-    def weight(self) -> torch.Tensor:
+    def dense_weight(self) -> torch.Tensor:
         """W = D S, (in, out), multiplied in float32 and cast to the module's dtype."""
         return (self.dictionary.float() @ self.coefficients().float()).to(self.dictionary.dtype)
 
@@ -205,13 +239,6 @@ class DictLinear(nn.Module):
         bits = f", coef_bits={self.coef_bits}" if self.coef_bits else ""
         return (f"in_features={self.in_features}, out_features={self.out_features}, "
                 f"atoms={self.atoms}, sparsity={self.sparsity}{bits}")
-
-
-def compressed_modules(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
-    """(name, module) of every DictLinear and LowRankLinear in `model`, in order."""
-    for name, module in model.named_modules():
-        if isinstance(module, (DictLinear, LowRankLinear)):
-            yield name, module
 
 
 @contextmanager

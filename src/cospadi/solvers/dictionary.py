@@ -9,18 +9,17 @@ from collections.abc import Callable
 import torch
 
 from ..budget import DictBudget
+from ..errors import CospadiError
 from .factors import DictionaryResult, SparseDictFactors, sparse_from_dense
 from .omp import batch_omp
+from .options import SolverOptions
+from .orthogonal import learn_orthogonal, single_step
 from .whitening import cholesky_upper, unwhiten, whiten
-
-
-INITS = ("orthogonal", "svd", "random")
-ORTHOGONAL_ROUNDS = 25  # default cap of the orthogonal rounds (they stop early when one gains < 1e-4)
 
 
 def initial_dictionary(signals: torch.Tensor, atoms: int, seed: int, init: str = "random") -> torch.Tensor:
     """A unit-norm starting dictionary (n, k) for `signals` (n, m).
-    "random": k distinct columns chosen with torch.Generator(seed) (METHOD.md step 1);
+    "random": k distinct columns chosen with torch.Generator(seed) (docs/method.md "Solvers");
     "svd": the top left singular vectors (the rank-k optimum's basis) and, when k exceeds
     the rank, seeded random columns for the rest. Zero columns become random unit vectors."""
     if init not in ("svd", "random"):
@@ -40,63 +39,63 @@ def initial_dictionary(signals: torch.Tensor, atoms: int, seed: int, init: str =
     return start / norms
 
 
-def learn_dictionary(signals: torch.Tensor, atoms: int, sparsity: int, iters: int,
-                     power_iters: int = 8, seed: int = 42, init: str | torch.Tensor = "random", sweeps: int = 1,
-                     on_iter: Callable[[int, float], None] | None = None,
-                     rounds: int = ORTHOGONAL_ROUNDS) -> DictionaryResult:
+def learn_dictionary(signals: torch.Tensor, atoms: int, sparsity: int, options: SolverOptions,
+                     start: torch.Tensor | None = None,
+                     on_iter: Callable[[int, float], None] | None = None) -> DictionaryResult:
     """Minimise ||Y - D S||_F^2 over D (n, k) and S (k, m) with exactly s nonzeros per
-    column of S. `iters` alternations of (1) Batch-OMP sparse coding and (2) `sweeps`
-    K-SVD sweeps over the atoms, each atom's rank-1 fit taken by `power_iters` power
-    iterations warm-started at the current atom; the support found by OMP is kept
-    through the sweeps. With iters=60, power_iters=8, sweeps=1, init="random" this is
-    the paper's solver.
+    column of S (the ksvd solver; `options.solver` is not read). `options.iters`
+    alternations of (1) Batch-OMP sparse coding and (2) `options.sweeps` K-SVD sweeps over
+    the atoms, each atom's rank-1 fit taken by `options.power_iters` power iterations
+    warm-started at the current atom; the support found by OMP is kept through the sweeps.
+    solvers.options.PAPER is the paper's solver.
 
-    init: "random" (k seeded random columns), "svd" (top singular vectors), "orthogonal"
-    (learn_orthogonal's dictionary *and codes* after at most `rounds` rounds: its sweeps
-    run before the first OMP, and iters may be 0), or an (n, k) tensor. "orthogonal" needs k <= n and falls back to
-    "svd" otherwise.
+    Start: the (n, k) tensor `start` when given, else by `options.init`: "random" (k
+    columns chosen with `options.seed`), "svd" (top singular vectors), "orthogonal"
+    (learn_orthogonal's dictionary *and codes* after at most `options.rounds` rounds: its
+    sweeps run before the first OMP, and iters may be 0). "orthogonal" needs k <= n and
+    falls back to "svd" otherwise.
 
     The objective never increases: a column whose new OMP code fits worse than its
     previous code under the same dictionary keeps the previous one, and the warm-started
     power iteration never lowers an atom's Rayleigh quotient. objective[t] is recorded
     after each round of sweeps; on_iter(t, objective) is called then."""
     y = signals
+    iters, power_iters, sweeps, init = options.iters, options.power_iters, options.sweeps, options.init
     coef = support = None
-    if isinstance(init, torch.Tensor):
-        d = init.to(y) / init.to(y).norm(dim=0).clamp_min(torch.finfo(y.dtype).tiny)
+    if start is not None:
+        d = start.to(y) / start.to(y).norm(dim=0).clamp_min(torch.finfo(y.dtype).tiny)
     elif init == "orthogonal" and atoms <= y.shape[0]:
-        from .orthogonal import learn_orthogonal
-
-        start = learn_orthogonal(y, atoms, sparsity, rounds)
-        d = start.dictionary
-        support = torch.zeros(atoms, y.shape[1], dtype=torch.bool, device=y.device).scatter_(0, start.indices, True)
-        coef = torch.zeros(atoms, y.shape[1], dtype=y.dtype, device=y.device).scatter_(0, start.indices, start.values)
+        first = learn_orthogonal(y, atoms, sparsity, options.rounds)
+        d = first.dictionary
+        support = torch.zeros(atoms, y.shape[1], dtype=torch.bool, device=y.device).scatter_(0, first.indices, True)
+        coef = torch.zeros(atoms, y.shape[1], dtype=y.dtype, device=y.device).scatter_(0, first.indices, first.values)
     else:
-        d = initial_dictionary(y, atoms, seed, "svd" if init == "orthogonal" else init)
+        d = initial_dictionary(y, atoms, options.seed, "svd" if init == "orthogonal" else init)
     if iters < (0 if coef is not None else 1):
         raise ValueError("iters must be at least 1 unless the start provides codes")
     history: list[float] = []
 
-    def update(residual: torch.Tensor) -> None:
+    def update(coef: torch.Tensor, support: torch.Tensor, residual: torch.Tensor) -> None:
         _update_atoms(d, coef, support, residual, power_iters, sweeps)
         history.append(float((residual * residual).sum()))
         if on_iter is not None:
             on_iter(len(history) - 1, history[-1])
 
-    if coef is not None:
-        update(y - d @ coef)
+    if coef is not None and support is not None:
+        update(coef, support, y - d @ coef)
     for _ in range(iters):
         idx, val = batch_omp(d, y, sparsity)
         new_support = torch.zeros(atoms, y.shape[1], dtype=torch.bool, device=y.device).scatter_(0, idx, True)
         new_coef = torch.zeros(atoms, y.shape[1], dtype=y.dtype, device=y.device).scatter_(0, idx, val)
         residual = y - d @ new_coef
-        if coef is not None:
+        if coef is not None and support is not None:
             old_residual = y - d @ coef
             worse = (residual * residual).sum(0) > (old_residual * old_residual).sum(0)
             new_coef[:, worse], new_support[:, worse] = coef[:, worse], support[:, worse]
             residual[:, worse] = old_residual[:, worse]
         coef, support = new_coef, new_support
-        update(residual)
+        update(coef, support, residual)
+    assert coef is not None and support is not None  # iters >= 1 or a start with codes
     indices, values = sparse_from_dense(coef, support)
     return DictionaryResult(d, indices, values, history)
 
@@ -136,22 +135,26 @@ def _update_atoms(d: torch.Tensor, coef: torch.Tensor, support: torch.Tensor, re
     residual.copy_(rt.T)
 
 
-SOLVERS = ("ksvd", "orthogonal", "single-step")
-
-
-def cospadi(weight: torch.Tensor, gram: torch.Tensor, budget: DictBudget, solver: str = "ksvd", iters: int = 60,
-            power_iters: int = 8, seed: int = 42, init: str = "random", sweeps: int = 1,
+def cospadi(weight: torch.Tensor, gram: torch.Tensor, budget: DictBudget, options: SolverOptions = SolverOptions(),
             dtype: torch.dtype = torch.float32,
-            on_iter: Callable[[int, float], None] | None = None,
-            rounds: int = ORTHOGONAL_ROUNDS) -> SparseDictFactors:
+            on_iter: Callable[[int, float], None] | None = None) -> SparseDictFactors:
     """CoSpaDi factors of W (d1, d2) under the calibration Gram G (d1, d1): learn (D_L, S)
     on L W with L^T L = G, then D = L^{-1} D_L by a triangular solve, so the factors
-    minimise ||X (W - D S)||_F. `solver`: "ksvd" (learn_dictionary with iters, power_iters,
-    init, sweeps, rounds; the defaults here are the paper's), "orthogonal" (learn_orthogonal
-    for at most `rounds` rounds, needs k <= d1) or "single-step". Learning runs in `dtype`; returns a float64
-    dictionary (d1, k) and values (s, d2), indices (s, d2)."""
-    if solver not in SOLVERS:
-        raise ValueError(f"solver must be one of {SOLVERS}")
+    minimise ||X (W - D S)||_F (docs/method.md "Objective and whitening"). The solver is
+    `options.solver`: "ksvd" (learn_dictionary), "orthogonal" (learn_orthogonal for at most
+    `options.rounds` rounds, needs k <= d1) or "single-step". Learning runs in `dtype`;
+    returns a float64 dictionary (d1, k) and values (s, d2), indices (s, d2).
+
+    An overcomplete budget (k > d1: shared dictionaries at low ratios, e.g. SmolLM2's
+    gate/up in groups of 2 below ratio 0.35) cannot start orthonormal: the orthogonal
+    start becomes an SVD start, which has no codes yet, so at least one Batch-OMP
+    alternation runs; the orthogonal solver refuses with a CospadiError."""
+    if budget.atoms > budget.d1:
+        if options.solver == "orthogonal":
+            raise CospadiError(f"the orthogonal solver needs at most d1 = {budget.d1} atoms, the budget has "
+                               f"{budget.atoms} (an overcomplete dictionary): use --solver ksvd, or a higher ratio")
+        if options.solver == "ksvd" and options.init == "orthogonal" and options.iters == 0:
+            options = options.but(iters=1)
     upper = cholesky_upper(gram)
     whitened = whiten(upper, weight)
     # A tall L W (d1 > d2, e.g. down_proj) has rank <= d2: with L W = Q R (Q (d1, d2)
@@ -162,16 +165,11 @@ def cospadi(weight: torch.Tensor, gram: torch.Tensor, budget: DictBudget, solver
     if whitened.shape[0] > whitened.shape[1] >= budget.atoms:
         basis, whitened = torch.linalg.qr(whitened)
     whitened = whitened.to(dtype)
-    if solver == "ksvd":
-        result = learn_dictionary(whitened, budget.atoms, budget.sparsity, iters, power_iters, seed, init, sweeps,
-                                  on_iter, rounds)
-    elif solver == "orthogonal":
-        from .orthogonal import learn_orthogonal
-
-        result = learn_orthogonal(whitened, budget.atoms, budget.sparsity, rounds)
+    if options.solver == "ksvd":
+        result = learn_dictionary(whitened, budget.atoms, budget.sparsity, options, on_iter=on_iter)
+    elif options.solver == "orthogonal":
+        result = learn_orthogonal(whitened, budget.atoms, budget.sparsity, options.rounds)
     else:
-        from .orthogonal import single_step
-
         result = single_step(whitened, budget.atoms, budget.sparsity)
     dictionary = result.dictionary.to(torch.float64)
     if basis is not None:

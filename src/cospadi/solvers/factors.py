@@ -1,5 +1,5 @@
 """The factor types every solver returns. `W ~ left @ right` or `W ~ D @ S`, with W of
-shape (d1, d2) as in METHOD.md (W = linear.weight.T)."""
+shape (d1, d2) as in docs/method.md "Notation" (W = linear.weight.T)."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field

@@ -1,4 +1,4 @@
-"""Factors shared across a group of layers (METHOD.md "Per-group mode"): m weights of the
+"""Factors shared across a group of layers (docs/method.md "Per-group mode"): m weights of the
 same shape (d1, d2), e.g. the q_proj of two consecutive blocks, get ONE left factor (a
 CoSpaDi dictionary or a Basis Sharing basis, (d1, k)) and their own right factors.
 
@@ -11,6 +11,7 @@ Pure functions: no model code here."""
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 
@@ -18,6 +19,7 @@ from ..budget import DictBudget, LowRankBudget
 from .dictionary import cospadi
 from .factors import LowRankFactors, SparseDictFactors
 from .lowrank import svd_llm
+from .options import SolverOptions
 
 
 def mean_gram(grams: Sequence[torch.Tensor]) -> torch.Tensor:
@@ -45,17 +47,17 @@ def _check_group(weights: Sequence[torch.Tensor], grams: Sequence[torch.Tensor],
 
 
 def cospadi_grouped(weights: Sequence[torch.Tensor], grams: Sequence[torch.Tensor], budget: DictBudget,
-                    **solver: object) -> list[SparseDictFactors]:
+                    options: SolverOptions = SolverOptions(), **solver: Any) -> list[SparseDictFactors]:
     """CoSpaDi factors of m weights W_l (d1, d2) under their Grams G_l (d1, d1) with one
     shared dictionary: learn (D_L, S) on [L_bar W_1 ... L_bar W_m] (d1, m d2) with the
-    cospadi() learner (`solver` keywords are cospadi()'s: solver, iters, power_iters, seed,
-    init, sweeps, dtype, on_iter, rounds), unwhiten D = L_bar^{-1} D_L once, and give member l the
+    cospadi() learner under `options` (`solver` keywords are cospadi()'s others: dtype,
+    on_iter), unwhiten D = L_bar^{-1} D_L once, and give member l the
     columns l d2 ... (l + 1) d2 - 1 of S. `budget` = dict_budget(d1, d2, ratio, rho,
     members=m). Returns m SparseDictFactors whose `dictionary` is the SAME (d1, k)
     float64 tensor object; indices/values (s, d2) each. m = 1 gives cospadi() exactly."""
     d1, d2 = _check_group(weights, grams, budget)
     whole = cospadi(torch.cat([w.to(torch.float64) for w in weights], dim=1), mean_gram(grams),
-                    DictBudget(d1, len(weights) * d2, budget.atoms, budget.sparsity), **solver)
+                    DictBudget(d1, len(weights) * d2, budget.atoms, budget.sparsity), options, **solver)
     return [SparseDictFactors(whole.dictionary, whole.indices[:, j * d2:(j + 1) * d2].contiguous(),
                               whole.values[:, j * d2:(j + 1) * d2].contiguous()) for j in range(len(weights))]
 

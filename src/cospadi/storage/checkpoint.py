@@ -4,7 +4,7 @@ A saved folder is what transformers' `save_pretrained` writes (config.json, safe
 shards, generation config) plus the tokenizer, `cospadi.json` (the format version and the
 run's full report) and `REPORT.md` (a short human-readable summary). config.json carries
 a `quantization_config` with `quant_method: "cospadi"` and every compressed module's
-shape (hf_integration.py), so after `import cospadi` plain
+spec (config.py), so after `import cospadi` plain
 `AutoModelForCausalLM.from_pretrained(folder)` rebuilds the model; `load` does the same
 after checking the folder. Folders are written under a temporary name and renamed into
 place, so a failed or interrupted save never leaves a half-written folder."""
@@ -12,78 +12,23 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import tempfile
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 
-from ..layers.coefficients import check_coef_bits
 from ..errors import CospadiError
+from ..files import atomic_folder
+from ..layers.base import compressed_modules
+from ..layers.coefficients import check_coef_bits
+from .config import FORMAT_VERSION, CospadiConfig
 from .folder_checks import check_folder
 from .folder_report import render_report
-from .hf_integration import FORMAT_VERSION, CospadiConfig
-from ..layers.linear import DictLinear, compressed_modules
 from .sharing import declared_for_saving
 
 DESCRIPTION = "cospadi.json"
 REPORT = "REPORT.md"
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
-@contextmanager
-def atomic_file(path: str | os.PathLike) -> Iterator[Path]:
-    """Yield a temporary path beside `path` (its folder is created) to write the file to;
-    when the block succeeds it is renamed onto `path`, when it fails it is removed and
-    `path` is left as it was."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        yield tmp
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
-@contextmanager
-def atomic_folder(out_dir: str | os.PathLike) -> Path:
-    """Yield a fresh temporary folder beside `out_dir`; on success it replaces `out_dir`
-    (an existing folder there is removed only after the new one is complete); on error
-    it is deleted and `out_dir` is left as it was."""
-    out = Path(out_dir).resolve()
-    if out.exists() and not out.is_dir():
-        raise CospadiError(f"output path {out} exists and is not a folder: choose another --out")
-    try:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    except OSError as exc:
-        raise CospadiError(f"cannot write beside {out}: {exc.strerror}; choose a writable --out") from exc
-    try:
-        yield tmp
-        _default_permissions(tmp)
-        if out.exists():
-            old = out.with_name(f".{out.name}.old-{os.getpid()}")
-            os.replace(out, old)
-            os.replace(tmp, out)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-
-
-def _default_permissions(folder: Path) -> None:
-    """Give `folder` and everything in it the permissions a plain mkdir / open would
-    (mkdtemp makes the folder private, some writers make files private)."""
-    umask = os.umask(0)
-    os.umask(umask)
-    for path in [folder, *folder.rglob("*")]:
-        path.chmod((0o777 if path.is_dir() else 0o666) & ~umask)
 
 
 def parse_dtype(name: str | torch.dtype | None) -> torch.dtype | None:
@@ -107,8 +52,7 @@ def to_storage(model: PreTrainedModel, dtype: torch.dtype | str | None = None,
     if dtype is not None:
         _cast_saved_tensors(model, dtype)
     for _, module in compressed_modules(model):
-        if isinstance(module, DictLinear):
-            module.compact_(coef_bits)
+        module.compact_(coef_bits)
     return model
 
 
@@ -125,8 +69,6 @@ def _cast_saved_tensors(model: torch.nn.Module, dtype: torch.dtype) -> None:
                 if (buffer is not None and buffer.is_floating_point() and buffer.dtype != dtype
                         and name not in module._non_persistent_buffers_set):
                     module._buffers[name] = buffer.to(dtype)
-            if isinstance(module, DictLinear):
-                module._runtime = None
 
 
 def save(model: PreTrainedModel, tokenizer, out_dir: str | os.PathLike, report: dict | None = None, *,
@@ -144,7 +86,7 @@ def save(model: PreTrainedModel, tokenizer, out_dir: str | os.PathLike, report: 
                            "dense model with save_pretrained")
     to_storage(model, dtype, coef_bits)
     report = report or {}
-    bits = coef_bits if any(isinstance(m, DictLinear) for m in modules.values()) else None
+    bits = coef_bits if any(m.coef_bits == coef_bits for m in modules.values()) else None
     model.config.quantization_config = CospadiConfig.from_model(model, bits, report.get("method"),
                                                                 report.get("ratio"))
     kwargs = {"max_shard_size": max_shard_size} if max_shard_size is not None else {}

@@ -11,9 +11,10 @@ import torch
 from torch import nn
 from transformers import PreTrainedModel
 
-from .checkpoint import atomic_folder, load, parse_dtype
 from ..errors import CospadiError
-from ..layers.linear import compressed_modules
+from ..files import atomic_folder
+from ..layers.base import compressed_modules
+from .checkpoint import load, parse_dtype
 
 
 @torch.no_grad()
@@ -22,7 +23,7 @@ def densify(model: PreTrainedModel) -> PreTrainedModel:
     x W + b with W = the module's product (formed in float32, stored at the module's
     dtype), and drop the cospadi quantization entry. Returns the model."""
     for name, module in list(compressed_modules(model)):
-        weight = module.weight()  # (in, out)
+        weight = module.dense_weight()  # (in, out)
         linear = nn.Linear(module.in_features, module.out_features, bias=module.bias is not None,
                            dtype=weight.dtype, device=weight.device)
         linear.weight.copy_(weight.T)

@@ -8,7 +8,7 @@ import struct
 from pathlib import Path
 
 from ..errors import CospadiError
-from .hf_integration import QUANT_METHOD, CospadiConfig, stored_shapes
+from .config import QUANT_METHOD, CospadiConfig, stored_shapes
 
 INDEX = "model.safetensors.index.json"
 SINGLE = "model.safetensors"

@@ -6,7 +6,7 @@ from collections import defaultdict
 
 from torch import nn
 
-from ..layers.linear import DictLinear, LowRankLinear, compressed_modules
+from ..layers.base import compressed_modules
 
 
 def stored_linear_bytes(model: nn.Module) -> tuple[int, int]:
@@ -16,20 +16,11 @@ def stored_linear_bytes(model: nn.Module) -> tuple[int, int]:
     stored = dense = 0
     seen: set[int] = set()
     for _, module in compressed_modules(model):
-        tensors = dict(module.named_parameters(recurse=False)) | dict(module.named_buffers(recurse=False))
-        tensors.pop("bias", None)
+        tensors = module.stored_tensors()
         stored += sum(t.numel() * t.element_size() for t in tensors.values() if id(t) not in seen)
         seen.update(id(t) for t in tensors.values())
-        floating = module.dictionary if isinstance(module, DictLinear) else module.left
-        dense += module.in_features * module.out_features * floating.element_size()
+        dense += module.in_features * module.out_features * module.factor_dtype.itemsize
     return stored, dense
-
-
-def _shape(module: nn.Module) -> str:
-    if isinstance(module, DictLinear):
-        return f"{module.in_features}x{module.out_features}, k={module.atoms}, s={module.sparsity}"
-    assert isinstance(module, LowRankLinear)
-    return f"{module.in_features}x{module.out_features}, r={module.rank}"
 
 
 def render_report(model: nn.Module, report: dict, coef_bits: int | None) -> str:
@@ -71,7 +62,7 @@ def render_report(model: nn.Module, report: dict, coef_bits: int | None) -> str:
         groups[kind].append((module, errors.get((layer, kind))))
     lines += ["| matrix | count | shape | mean output error |", "|---|---|---|---|"]
     for kind, items in groups.items():
-        shapes = sorted({_shape(m) for m, _ in items})
+        shapes = sorted({m.describe() for m, _ in items})
         known = [e for _, e in items if e is not None]
         error = f"{sum(known) / len(known):.4f}" if known else "-"
         lines.append(f"| {kind} | {len(items)} | {'; '.join(shapes)} | {error} |")

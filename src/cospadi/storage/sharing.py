@@ -17,16 +17,7 @@ from contextlib import contextmanager
 from torch import nn
 
 from ..errors import CospadiError
-from ..layers.linear import DictLinear, LowRankLinear, compressed_modules
-
-
-def factor_name(module: nn.Module) -> str:
-    """The attribute holding a compressed module's shareable left factor."""
-    if isinstance(module, DictLinear):
-        return "dictionary"
-    if isinstance(module, LowRankLinear):
-        return "left"
-    raise TypeError(f"{type(module).__name__} is not a compressed module")
+from ..layers.base import compressed_modules
 
 
 def shared_factors(model: nn.Module) -> dict[str, str]:
@@ -35,7 +26,7 @@ def shared_factors(model: nn.Module) -> dict[str, str]:
     owners: dict[int, str] = {}
     shares = {}
     for name, module in compressed_modules(model):
-        factor = getattr(module, factor_name(module))
+        factor = getattr(module, module.shared_factor)
         if id(factor) in owners:
             shares[name] = owners[id(factor)]
         else:
@@ -51,7 +42,7 @@ def declared_for_saving(model: nn.Module) -> Iterator[dict[str, str]]:
     shares = shared_factors(model)
     holders = [model.get_submodule(name) for name in shares]
     for holder, owner in zip(holders, shares.values()):
-        holder._tied_weights_keys = {factor_name(holder): f"{owner}.{factor_name(holder)}"}
+        holder._tied_weights_keys = {holder.shared_factor: f"{owner}.{holder.shared_factor}"}
     try:
         yield shares
     finally:
@@ -73,7 +64,7 @@ def tie_shared(model: nn.Module, shares: dict[str, str]) -> None:
                 or order.index(owner_name) >= order.index(holder_name) or owner_name in shares:
             raise CospadiError(f"config.json: {holder_name} shares the factor of {owner_name!r}, which is not an earlier "
                                "compressed module of the same kind that owns its factor; the folder is corrupt")
-        name = factor_name(holder)
+        name = holder.shared_factor
         if getattr(holder, name).shape != getattr(owner, name).shape:
             raise CospadiError(f"config.json: {holder_name} and {owner_name} share a factor but have different "
                                "shapes; the folder is corrupt")

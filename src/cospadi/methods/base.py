@@ -1,0 +1,55 @@
+"""What a compression method is: one object that knows its budget, its solver and the
+module kind its factors become. The pipeline, reports, storage and benchmarks ask the
+method, never its name (methods/__init__.py holds the registry)."""
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any, ClassVar
+
+import torch
+
+from ..budget import DictBudget, LowRankBudget
+from ..layers.base import CompressedLinear
+from ..solvers.options import SolverOptions
+
+Budget = LowRankBudget | DictBudget
+
+
+class Method:
+    """A compression method. Subclasses set the class attributes and implement `budget`
+    and `solve`; `build` is shared. One instance per method lives in the registry.
+
+    name: the registry key (`--method`). module_kind: the CompressedLinear subclass its
+    factors become. shares: whether `members` > 1 matrices can share one left factor
+    (per-group mode). default_group_size: the blocks per group when the user gives none.
+    uses_solver_options: whether SolverOptions change its result (bench cache names,
+    resume fingerprints)."""
+
+    name: ClassVar[str]
+    module_kind: ClassVar[type[CompressedLinear]]
+    shares: ClassVar[bool] = False
+    default_group_size: ClassVar[int] = 1
+    uses_solver_options: ClassVar[bool] = False
+
+    def budget(self, d1: int, d2: int, ratio: float, options: SolverOptions, members: int = 1) -> Budget:
+        """The budget removing `ratio` of `members` (d1, d2) matrices that share one left
+        factor (docs/method.md "Budget"; members = 1: one matrix)."""
+        raise NotImplementedError
+
+    def solve(self, weights: Sequence[torch.Tensor], grams: Sequence[torch.Tensor], budget: Any,
+              options: SolverOptions) -> list[Any]:
+        """Factors of each weight W_l (d1, d2) under its Gram G_l (d1, d1) within `budget`
+        (from self.budget with members = len(weights)); several weights share ONE left
+        factor, the same tensor object in every returned factor."""
+        raise NotImplementedError
+
+    def build(self, factors: Sequence[Any], biases: Sequence[torch.Tensor | None],
+              dtype: torch.dtype) -> list[CompressedLinear]:
+        """One drop-in module per factor (with its bias, stored in `dtype`); all of them
+        hold the SAME nn.Parameter as their shared factor, so it is one tensor in memory,
+        counted once by model.parameters() and saved once."""
+        modules = [self.module_kind.from_factors(f, b, dtype) for f, b in zip(factors, biases)]
+        attribute = self.module_kind.shared_factor
+        for module in modules[1:]:
+            setattr(module, attribute, getattr(modules[0], attribute))
+        return modules

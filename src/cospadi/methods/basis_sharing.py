@@ -1,0 +1,31 @@
+"""`basis-sharing`: one whitened SVD basis shared by the same projection of consecutive
+blocks (Basis Sharing; groups of 2 by default, the paper's protocol). A group of one
+matrix is exactly svd-llm."""
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from ..budget import LowRankBudget, lowrank_budget
+from ..layers.linear import LowRankLinear
+from ..solvers import basis_sharing, svd_llm
+from ..solvers.factors import LowRankFactors
+from ..solvers.options import SolverOptions
+from .base import Method
+
+
+class BasisSharing(Method):
+    name = "basis-sharing"
+    module_kind = LowRankLinear
+    shares = True
+    default_group_size = 2
+
+    def budget(self, d1: int, d2: int, ratio: float, options: SolverOptions, members: int = 1) -> LowRankBudget:
+        return lowrank_budget(d1, d2, ratio, members)
+
+    def solve(self, weights: Sequence[torch.Tensor], grams: Sequence[torch.Tensor], budget: LowRankBudget,
+              options: SolverOptions) -> list[LowRankFactors]:
+        if len(weights) == 1:
+            return [svd_llm(weights[0], grams[0], budget)]
+        return basis_sharing(weights, grams, budget)

@@ -1,0 +1,30 @@
+"""`cospadi`: a calibration-whitened sparse dictionary per matrix, or shared by the same
+projection of consecutive blocks (per-group mode)."""
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from ..budget import DictBudget, dict_budget
+from ..layers.linear import DictLinear
+from ..solvers import cospadi, cospadi_grouped
+from ..solvers.factors import SparseDictFactors
+from ..solvers.options import SolverOptions
+from .base import Method
+
+
+class Cospadi(Method):
+    name = "cospadi"
+    module_kind = DictLinear
+    shares = True
+    uses_solver_options = True
+
+    def budget(self, d1: int, d2: int, ratio: float, options: SolverOptions, members: int = 1) -> DictBudget:
+        return dict_budget(d1, d2, ratio, options.rho, members)
+
+    def solve(self, weights: Sequence[torch.Tensor], grams: Sequence[torch.Tensor], budget: DictBudget,
+              options: SolverOptions) -> list[SparseDictFactors]:
+        if len(weights) == 1:
+            return [cospadi(weights[0], grams[0], budget, options)]
+        return cospadi_grouped(weights, grams, budget, options)

@@ -1,0 +1,44 @@
+"""The calibrate pass: one float64 Gram X^T X per distinct linear input of a block,
+accumulated while the block runs on its calibration inputs (docs/method.md "Objective
+and whitening")."""
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from torch import nn
+
+from ..adapters import Adapter
+from .capture import BlockKwargs, run_block
+
+
+@torch.no_grad()
+def accumulate_grams(layer: nn.Module, adapter: Adapter, states: list[torch.Tensor],
+                     kwargs: BlockKwargs) -> dict[tuple[str, ...], torch.Tensor]:
+    """One Gram X^T X (d1, d1) per input group of the adapter, over every calibration
+    token entering the block: each batch's product is formed in float32 and summed in
+    float64 across batches."""
+    return calibrate_block(layer, adapter, states, kwargs)[0]
+
+
+@torch.no_grad()
+def calibrate_block(layer: nn.Module, adapter: Adapter, states: list[torch.Tensor], kwargs: BlockKwargs,
+                    keep_outputs: bool = False) -> tuple[dict[tuple[str, ...], torch.Tensor], list[torch.Tensor] | None]:
+    """accumulate_grams' Grams and, with `keep_outputs`, the block's outputs of the same
+    run (one (B, L, H) tensor per batch of `states`; None otherwise)."""
+    grams: dict[tuple[str, ...], torch.Tensor] = {}
+
+    def hook_for(group: tuple[str, ...]) -> Callable:
+        def hook(module: nn.Module, args: tuple) -> None:
+            x = args[0].detach().reshape(-1, args[0].shape[-1]).float()
+            product = (x.T @ x).double()
+            grams[group] = grams[group] + product if group in grams else product
+        return hook
+
+    handles = [layer.get_submodule(group[0]).register_forward_pre_hook(hook_for(group)) for group in adapter.groups]
+    try:
+        outputs = run_block(layer, states, kwargs)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return grams, outputs if keep_outputs else None

@@ -1,0 +1,181 @@
+"""Block-by-block compression (the GPTQ-style model loop), as a few explicit passes:
+
+1. capture: the hidden states and keyword arguments entering block 0 (capture.py);
+2. per group of blocks (one block per layer mode):
+   calibrate (a Gram per linear input, calibrate.py), solve (the method at each matrix's
+   ratio, solve.py), swap the compressed modules in, propagate (run the compressed blocks
+   to give the next group its inputs, so errors propagate as in the paper) and checkpoint
+   (resume.py, with --resume-dir).
+Only one group's Grams and one block's activations are alive at a time."""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+from transformers import PreTrainedModel
+
+from ..adapters import Adapter, adapter_for, decoder_layers
+from ..allocation import RatioMap, check_ratio_map, uniform_ratios
+from ..budget import check_ratio
+from ..devices import resolve_device, to_device, visiting
+from ..errors import CospadiError
+from ..groups import block_groups, check_group_size
+from ..methods import Method, get_method
+from ..report import CompressionReport, peak_rss_mb
+from ..resume import Progress, load_progress, restore_groups, run_fingerprint, save_group, save_progress
+from ..solvers import SolverOptions
+from .calibrate import calibrate_block
+from .capture import BlockKwargs, capture_block_inputs, run_block
+from .solve import plan_jobs, solve_jobs
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """What a run does: `method` (a registered name) removing `ratio` of the compressed
+    linears, spread by `ratios` (one ratio per (block, linear); None: uniform, every
+    matrix at `ratio`), with solver `options`, consecutive blocks in groups of
+    `group_size` sharing factors (1: per layer)."""
+
+    method: str
+    ratio: float
+    options: SolverOptions = field(default_factory=SolverOptions)
+    group_size: int = 1
+    ratios: RatioMap | None = None
+
+    def settings(self) -> dict:
+        """The JSON-ready description of the recipe (resume fingerprints)."""
+        ratios = None if self.ratios is None else sorted([b, n, r] for (b, n), r in self.ratios.items())
+        return dict(method=self.method, ratio=self.ratio, options=vars(self.options), group_size=self.group_size,
+                    ratios=ratios)
+
+
+@dataclass
+class _Run:
+    """The state one compress_blocks call carries from pass to pass."""
+
+    model: PreTrainedModel
+    layers: nn.ModuleList
+    adapter: Adapter
+    method: Method
+    recipe: Recipe
+    ratios: RatioMap
+    target: torch.device
+    workers: int
+    report: CompressionReport
+    states: list[torch.Tensor] = field(default_factory=list)
+    block_kwargs: list[BlockKwargs] = field(default_factory=list)
+
+
+def compress_blocks(model: PreTrainedModel, input_ids: torch.Tensor, recipe: Recipe, *, batch_size: int = 8,
+                    workers: int | None = None, device: str | torch.device | None = None, progress: bool = True,
+                    resume_dir: str | Path | None = None) -> CompressionReport:
+    """Compress every target linear of every block of `model` in place as `recipe` says,
+    calibrated on `input_ids` (N, L) in batches of `batch_size`; the target linears become
+    the method's CompressedLinear modules (members of a shared job hold the same factor
+    Parameter). Returns the report.
+
+    `workers`: jobs of a group solved at once on threads (default: torch's thread count
+    on the CPU, 1 on an accelerator). `device` (devices.resolve_device; None: the model's
+    own): where calibration and the solvers run; the model stays where it is and each
+    group of blocks visits the device (GPTQ-style offloading). `resume_dir`: progress is
+    saved there after every group, and a rerun of the same run restores it and goes on
+    (resume.py; report.seconds then sums every attempt)."""
+    start = time.perf_counter()
+    run = _prepare(model, input_ids, recipe, workers, device)
+    folder = Path(resume_dir) if resume_dir is not None else None
+    fingerprint = run_fingerprint(model, input_ids, dict(
+        recipe.settings(), batch_size=batch_size, device=run.target.type)) if folder is not None else ""
+    saved = load_progress(folder, fingerprint, run.target) if folder is not None else None  # before the capture pass
+    states, block_kwargs = capture_block_inputs(model, run.layers, input_ids, batch_size)
+    run.states, run.block_kwargs = to_device(states, run.target), to_device(block_kwargs, run.target)
+    groups = block_groups(len(run.layers), recipe.group_size)
+    done, seconds_before, files = 0, 0.0, {}
+    if saved is not None:
+        home = next(model.parameters()).device
+        restore_groups(folder, run.layers, groups, saved, home)
+        done, seconds_before, run.states, run.report.matrices = saved.done, saved.seconds, saved.states, saved.matrices
+        files = saved.files
+    per_block = len(run.adapter.targets)
+    bar = tqdm(total=len(run.layers) * per_block, initial=done * per_block, desc=f"{recipe.method} @ {recipe.ratio}",
+               unit="matrix", disable=not progress)
+    for blocks in groups:
+        if blocks[-1] < done:
+            continue
+        _compress_group(run, blocks, bar)
+        if folder is not None:
+            files.update(save_group(folder, blocks[0], [run.layers[i] for i in blocks]))
+            save_progress(folder, fingerprint, Progress(blocks[-1] + 1, run.states, run.report.matrices,
+                                                        seconds_before + time.perf_counter() - start, files))
+    bar.close()
+    run.report.matrices.sort(key=lambda m: (m.layer, run.adapter.targets.index(m.name)))
+    run.report.seconds = seconds_before + time.perf_counter() - start
+    run.report.peak_rss_mb = peak_rss_mb()
+    return run.report
+
+
+def _prepare(model: PreTrainedModel, input_ids: torch.Tensor, recipe: Recipe, workers: int | None,
+             device: str | torch.device | None) -> _Run:
+    """Check the recipe against the model (CospadiError before any work) and set up the run."""
+    method = get_method(recipe.method)
+    check_ratio(recipe.ratio)
+    check_group_size(recipe.group_size, method)
+    adapter = adapter_for(model)
+    layers = decoder_layers(model)
+    check_weights(adapter, layers)
+    ratios = recipe.ratios if recipe.ratios is not None else uniform_ratios(len(layers), adapter.targets, recipe.ratio)
+    check_ratio_map(ratios, len(layers), adapter.targets)
+    target = resolve_device(device) or next(model.parameters()).device
+    workers = max(1, workers or (1 if target.type != "cpu" else torch.get_num_threads()))
+    report = CompressionReport(recipe.method, recipe.ratio, dict(vars(recipe.options)), unique_param_count(model),
+                               calibration={"samples": int(input_ids.shape[0]), "seq_len": int(input_ids.shape[1])},
+                               group_size=recipe.group_size)
+    return _Run(model, layers, adapter, method, recipe, ratios, target, workers, report)
+
+
+def _compress_group(run: _Run, blocks: list[int], bar: tqdm) -> None:
+    """Calibrate, solve, swap and propagate one group of blocks (one block per layer mode).
+
+    A shared factor needs the Grams of every block of its group, so no block of a group can
+    be compressed before the group's last block is calibrated: the blocks are calibrated in
+    turn, each on the DENSE outputs of its predecessor in the group, all fed by the already
+    compressed previous groups; then the group is solved, swapped, and run compressed to
+    give the next group its inputs. Errors thus propagate between groups as between blocks
+    in per-layer mode (a group of one block is exactly the per-layer pipeline). Memory: the
+    group's Grams and one block's activations at a time."""
+    layers, n = run.layers, len(run.layers)
+    where = f"block {blocks[0] + 1}/{n}" if len(blocks) == 1 else f"blocks {blocks[0] + 1}-{blocks[-1] + 1}/{n}"
+    bar.set_postfix_str(f"{where}: calibrating")
+    with visiting(nn.ModuleList(layers[i] for i in blocks), run.target):  # back home afterwards, also on errors
+        grams, inputs = {}, run.states
+        for position, i in enumerate(blocks):
+            last = position == len(blocks) - 1
+            grams[i], inputs = calibrate_block(layers[i], run.adapter, inputs, run.block_kwargs[i], keep_outputs=not last)
+        jobs = plan_jobs(layers, blocks, run.adapter, grams, run.ratios)
+        bar.set_postfix_str(f"{where}: solving")
+        solved = solve_jobs(jobs, run.method, run.recipe.options, run.workers, bar.update)
+        for job in jobs:  # swap in the adapter's order, deterministically
+            for (i, name), (module, row) in zip(job.members, solved[id(job)]):
+                layers[i].set_submodule(name, module)
+                run.report.matrices.append(row)
+        del grams, jobs, solved, inputs
+        for i in blocks:
+            run.states = run_block(layers[i], run.states, run.block_kwargs[i])
+
+
+def unique_param_count(model: nn.Module) -> int:
+    """Parameters of the model, tied ones counted once."""
+    return sum(p.numel() for p in model.parameters())
+
+
+def check_weights(adapter: Adapter, layers: nn.ModuleList) -> None:
+    """CospadiError naming the first target linear with non-finite weights."""
+    for i, layer in enumerate(layers):
+        for name in adapter.targets:
+            weight = layer.get_submodule(name).weight
+            if not torch.isfinite(weight).all():
+                raise CospadiError(f"block {i} {name} has non-finite weights: the checkpoint is corrupt or was "
+                                   "loaded in too low a precision; reload it in float32")

@@ -1,0 +1,63 @@
+"""The dictionary solver's options: the one place their defaults and meanings live. The
+solvers, the Python API and the command line (whose flags and --help are generated from
+the fields below) all read them from here."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field, fields, replace
+from typing import Any
+
+from ..budget import check_rho
+from ..errors import CospadiError
+
+SOLVERS = ("ksvd", "orthogonal", "single-step")
+INITS = ("orthogonal", "svd", "random")
+
+
+def _option(default: Any, help: str, low: int | None = None) -> Any:
+    """A dataclass field whose metadata carries the CLI help and the least valid integer."""
+    return field(default=default, metadata={"help": help, "low": low})
+
+
+@dataclass(frozen=True)
+class SolverOptions:
+    """How the dictionary solver runs (ignored by the low-rank methods); see
+    docs/method.md "Solvers". The defaults (an orthogonal start, then K-SVD sweeps, no
+    Batch-OMP) measured as good as or better than the paper's setting at a small fraction
+    of its time (BENCHMARKS.md); the paper's setting is PAPER below."""
+
+    # Field order is the order of saved reports' option lists: keep it.
+    rho: float = _option(2.0, "atoms per nonzero, k / s (the paper: 2)")
+    solver: str = _option("ksvd", f"one of {', '.join(SOLVERS)}: ksvd = Batch-OMP coding + K-SVD sweeps, "
+                                  "orthogonal = (threshold, Procrustes) rounds only, single-step = closed form")
+    iters: int = _option(0, "ksvd alternations of Batch-OMP coding and sweeps (the paper: 60; 0 needs the "
+                            "orthogonal start, whose codes come first)", low=0)
+    power_iters: int = _option(2, "power iterations per atom update (the paper: 8)", low=1)
+    sweeps: int = _option(8, "K-SVD sweeps over the atoms per alternation (the paper: 1)", low=0)
+    init: str = _option("orthogonal", f"ksvd start, one of {', '.join(INITS)} (the paper: random)")
+    seed: int = _option(42, "seed of the calibration sampling and of random starts")
+    rounds: int = _option(25, "at most this many (threshold, Procrustes) rounds of the orthogonal start or "
+                              "solver; they stop early once a round gains < 1e-4 (40: about +15%% time, lower "
+                              "error)", low=1)
+
+    def __post_init__(self) -> None:
+        check_rho(self.rho)
+        if self.solver not in SOLVERS:
+            raise CospadiError(f"solver {self.solver!r} is unknown; choose one of: {', '.join(SOLVERS)}")
+        for option in fields(self):
+            low = option.metadata.get("low")
+            value = getattr(self, option.name)
+            if low is not None and (not isinstance(value, int) or isinstance(value, bool) or value < low):
+                raise CospadiError(f"{option.name} {value!r} must be an integer >= {low} (the paper uses iters=60, "
+                                   "power_iters=8, sweeps=1)")
+        if self.init not in INITS:
+            raise CospadiError(f"init {self.init!r} is unknown; choose one of: {', '.join(INITS)}")
+        if self.solver == "ksvd" and self.iters == 0 and self.init != "orthogonal":
+            raise CospadiError(f"iters 0 needs --init orthogonal (a {self.init} start has no codes yet): "
+                               "pass --iters 1 or more")
+
+    def but(self, **changes: Any) -> SolverOptions:
+        """A copy with `changes` applied (and checked)."""
+        return replace(self, **changes)
+
+
+PAPER = SolverOptions(solver="ksvd", init="random", iters=60, power_iters=8, sweeps=1)  # the paper's solver

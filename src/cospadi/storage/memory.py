@@ -1,0 +1,74 @@
+"""Memory layout of a freshly loaded model: realign what transformers' loader left
+misaligned, and let go of the memory-mapped weight files when nothing needs them."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from torch import nn
+
+ALIGNMENT = 64  # bytes; torch's CPU allocator aligns to this
+
+
+@torch.no_grad()
+def realign(model: nn.Module) -> None:
+    """Copy every CPU parameter and buffer that does not start on a 64-byte boundary into
+    fresh (aligned) memory. transformers' loader leaves them misaligned, and torch's CPU
+    kernels then round differently (and run slower): the reloaded model would not be
+    bit-identical to the one that was saved. Tied parameters stay tied."""
+    for module in model.modules():
+        for param in module.parameters(recurse=False):
+            if param.device.type == "cpu" and param.data_ptr() % ALIGNMENT:
+                param.data = param.data.clone()
+        for name, buffer in module.named_buffers(recurse=False):
+            if buffer is not None and buffer.device.type == "cpu" and buffer.data_ptr() % ALIGNMENT:
+                module._buffers[name] = buffer.clone()
+
+
+def _mapped_weight_files() -> list[tuple[int, int]]:
+    """Address ranges of the .safetensors files this process has memory-mapped (from
+    /proc/self/maps; [] where that does not exist)."""
+    try:
+        lines = Path("/proc/self/maps").read_text().splitlines()
+    except OSError:
+        return []
+    ranges = []
+    for line in lines:
+        fields = line.split()
+        if len(fields) >= 6 and fields[5].endswith(".safetensors"):
+            low, high = fields[0].split("-")
+            ranges.append((int(low, 16), int(high, 16)))
+    return ranges
+
+
+@torch.no_grad()
+def release_weight_files(model: nn.Module) -> int:
+    """When the model's float tensors were all converted on load (e.g. a bf16 folder loaded
+    at fp32) and only non-float buffers (the bitmask, the packed 14-bit values) still point
+    into the memory-mapped weight file, copy those buffers so the mapping can close: every
+    page of it was read during loading, and while one tensor refers to it, all of them stay
+    resident (about the folder's size). Where float tensors use the file directly (a
+    same-dtype load), nothing is copied: the model then runs on the mapping itself.
+    Returns the bytes copied."""
+    ranges = _mapped_weight_files()
+    if not ranges:
+        return 0
+
+    def mapped(tensor: torch.Tensor) -> bool:
+        return tensor.device.type == "cpu" and any(low <= tensor.data_ptr() < high for low, high in ranges)
+
+    tensors = [(module, name, tensor, kind) for module in model.modules()
+               for kind, items in (("param", module.named_parameters(recurse=False)),
+                                   ("buffer", module.named_buffers(recurse=False)))
+               for name, tensor in items if tensor is not None]
+    aliased = [entry for entry in tensors if mapped(entry[2])]
+    if any(entry[2].is_floating_point() for entry in aliased):
+        return 0
+    copied = 0
+    for module, name, tensor, kind in aliased:
+        if kind == "param":
+            tensor.data = tensor.data.clone()
+        else:
+            module._buffers[name] = tensor.clone()
+        copied += tensor.numel() * tensor.element_size()
+    return copied

@@ -1,0 +1,69 @@
+"""Plain transformers loading of cospadi folders, through transformers' quantizer plugin
+mechanism (register_quantization_config / register_quantizer, HfQuantizer).
+
+After `import cospadi`, `AutoModelForCausalLM.from_pretrained(folder)` finds the
+"cospadi" quantizer: before the weights are read it checks the safetensors headers against
+config.json and swaps every listed nn.Linear for the compressed module its entry describes
+(on the meta device, at the model's dtype); the weights then load by name into those
+modules; afterwards every compressed module prepares itself (checks its mask, derives its
+row indices)."""
+from __future__ import annotations
+
+from pathlib import Path
+
+from transformers.quantizers.auto import (
+    AUTO_QUANTIZATION_CONFIG_MAPPING,
+    AUTO_QUANTIZER_MAPPING,
+    register_quantization_config,
+    register_quantizer,
+)
+from transformers.quantizers.base import HfQuantizer
+
+from ..layers.base import compressed_modules
+from .config import QUANT_METHOD, CospadiConfig, replace_modules
+from .folder_checks import check_module_tensors, check_safetensors
+from .memory import realign, release_weight_files
+from .sharing import tie_shared
+
+
+class CospadiHfQuantizer(HfQuantizer):
+    """Rebuilds the compressed modules of a pre-compressed cospadi folder; it cannot
+    compress on the fly (that needs calibration: use `cospadi compress`)."""
+
+    requires_calibration = True
+    quantization_config: CospadiConfig
+
+    def _process_model_before_weight_loading(self, model, checkpoint_files: list[str] | None = None, **kwargs):
+        files = [f for f in checkpoint_files or [] if str(f).endswith(".safetensors")]
+        if files:
+            headers = [check_safetensors(Path(f)) for f in files]
+            check_module_tensors(self.quantization_config.to_dict(), headers)
+        replace_modules(model, self.quantization_config.modules, model.dtype, self.quantization_config.coef_bits)
+        tie_shared(model, {name: spec["shares"] for name, spec in self.quantization_config.modules.items()
+                           if spec.get("shares")})
+        return model
+
+    def _process_model_after_weight_loading(self, model, **kwargs):
+        realign(model)
+        release_weight_files(model)
+        for _, module in compressed_modules(model):
+            module.prepare()
+        return model
+
+    def is_serializable(self, *args, **kwargs) -> bool:
+        return True
+
+    @property
+    def is_trainable(self) -> bool:
+        return False
+
+
+def register() -> None:
+    """Make "cospadi" known to transformers (idempotent; runs on `import cospadi`)."""
+    if QUANT_METHOD not in AUTO_QUANTIZATION_CONFIG_MAPPING:
+        register_quantization_config(QUANT_METHOD)(CospadiConfig)
+    if QUANT_METHOD not in AUTO_QUANTIZER_MAPPING:
+        register_quantizer(QUANT_METHOD)(CospadiHfQuantizer)
+
+
+register()
