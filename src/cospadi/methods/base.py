@@ -8,8 +8,9 @@ from typing import Any, ClassVar
 
 import torch
 
-from ..budget import DictBudget, LowRankBudget
+from ..budget import DictBudget, LowRankBudget, lowrank_budget
 from ..layers.base import CompressedLinear
+from ..layers.linear import LowRankLinear
 from ..solvers.options import SolverOptions
 
 Budget = LowRankBudget | DictBudget
@@ -53,3 +54,13 @@ class Method:
         for module in modules[1:]:
             setattr(module, attribute, getattr(modules[0], attribute))
         return modules
+
+
+class LowRankMethod(Method):
+    """A method whose factors are a rank-r pair (LowRankLinear) under the low-rank budget
+    (docs/method.md "Budget"); subclasses implement `solve` only."""
+
+    module_kind = LowRankLinear
+
+    def budget(self, d1: int, d2: int, ratio: float, options: SolverOptions, members: int = 1) -> LowRankBudget:
+        return lowrank_budget(d1, d2, ratio, members)

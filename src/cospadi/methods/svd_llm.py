@@ -5,20 +5,15 @@ from collections.abc import Sequence
 
 import torch
 
-from ..budget import LowRankBudget, lowrank_budget
-from ..layers.linear import LowRankLinear
+from ..budget import LowRankBudget
 from ..solvers import svd_llm
 from ..solvers.factors import LowRankFactors
 from ..solvers.options import SolverOptions
-from .base import Method
+from .base import LowRankMethod
 
 
-class SvdLlm(Method):
+class SvdLlm(LowRankMethod):
     name = "svd-llm"
-    module_kind = LowRankLinear
-
-    def budget(self, d1: int, d2: int, ratio: float, options: SolverOptions, members: int = 1) -> LowRankBudget:
-        return lowrank_budget(d1, d2, ratio, members)
 
     def solve(self, weights: Sequence[torch.Tensor], grams: Sequence[torch.Tensor], budget: LowRankBudget,
               options: SolverOptions) -> list[LowRankFactors]:
