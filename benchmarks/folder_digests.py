@@ -46,7 +46,8 @@ for kind in ("llama", "qwen2"):
         for store in ("plain", "compact"):
             model = build(kind)
             report = compress_blocks(model, ids, Recipe(method, 0.3, SolverOptions(), group), progress=False, workers=1)
-            d = report.to_dict(); d["seconds"] = 0; d["peak_rss_mb"] = 0
+            d = report.to_dict()
+            d["seconds"] = d["peak_rss_mb"] = 0
             for m in d["matrices"]:
                 m["seconds"] = 0
             with tempfile.TemporaryDirectory() as tmp:
@@ -59,7 +60,7 @@ for kind in ("llama", "qwen2"):
                     result[f"{kind}-{method}-g{group}-{store}"]["reload"] = "fails"
                     continue
                 with torch.no_grad():
-                    a = model(ids[:2]).logits; b = m2(ids[:2]).logits
+                    a, b = model(ids[:2]).logits, m2(ids[:2]).logits
                 assert torch.equal(a, b), "reload differs"
-json.dump(result, open(sys.argv[1], "w"), indent=1, sort_keys=True)
+Path(sys.argv[1]).write_text(json.dumps(result, indent=1, sort_keys=True))
 print(len(result), "cells")
