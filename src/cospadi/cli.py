@@ -15,6 +15,7 @@ import transformers
 from . import api
 from .bench import infer as bench_infer
 from .bench import plot as bench_plot
+from .bench import shapes as bench_shapes
 from .bench import solver as bench_solver
 from .bench import sweep as bench
 from .budget import check_ratio
@@ -25,6 +26,7 @@ from .evaluation.perplexity import perplexity
 from .groups import resolve_group_size
 from .methods import get_method, method_names
 from .models import load_model
+from .pipeline import Recipe, check_recipe
 from .report import CompressionReport, peak_rss_mb, results_table
 from .solvers import SolverOptions
 from .storage import export
@@ -139,6 +141,23 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     s.add_argument("--quiet", action="store_true", help="no progress bars")
     _add_device_arg(s, "the solvers")
+    h = sub.add_parser("bench-shapes", help="the dictionary solver at real models' shapes (overcomplete gate/up): "
+                       "time and error against svd-llm and the complete dictionary")
+    h.add_argument("--model", default="smollm2-135m", help="model whose block 15 gives the real matrices")
+    h.add_argument("--cases", default=",".join(bench_shapes.DEFAULT_CASES),
+                   help=f"comma-separated, from {', '.join(bench_shapes.CASES)}")
+    h.add_argument("--ratios", default="0.2,0.3", help="comma-separated ratios")
+    h.add_argument("--configs", default=",".join(bench_shapes.CONFIGS),
+                   help=f"comma-separated, from {', '.join(bench_shapes.CONFIGS)}")
+    h.add_argument("--estimate", action="store_true",
+                   help="also the whole-model solver time estimate at Qwen2.5-0.5B's shapes")
+    h.add_argument("--repeats", type=int, default=1, help="timed runs per cell (the median is reported)")
+    h.add_argument("--seed", type=int, default=42, help="seed of the calibration windows and random matrices")
+    h.add_argument("--cache", default="runs/grams", help="folder caching the block's Gram matrices")
+    h.add_argument("--output", default="BENCHMARKS.md", help="Markdown file to write the tables into")
+    h.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    h.add_argument("--quiet", action="store_true", help="no progress lines")
+    _add_device_arg(h, "the solvers")
     e = sub.add_parser("eval", help="perplexity (and lm-eval tasks) of a model or of a saved cospadi output folder")
     _add_text_args(e)
     _add_device_arg(e, "the model")
@@ -181,6 +200,7 @@ def run_compress(args: argparse.Namespace) -> list[dict]:
     group_size = resolve_group_size(method, args.group_size)
     calib_texts, eval_texts = load_corpus(args.data)
     model, tokenizer = load_model(args.model)
+    check_recipe(model, Recipe(args.method, args.ratio, options, group_size))  # before the minutes of dense evaluation
     ids = api.calibration_ids(model, tokenizer, calib_texts, args.calib_samples, args.seq_len, args.seed)
     windows = api.evaluation_ids(model, tokenizer, eval_texts, args.seq_len, args.eval_windows) \
         if args.eval_windows else None
@@ -308,6 +328,37 @@ def run_bench_solver(args: argparse.Namespace) -> list[dict]:
     return rows
 
 
+def run_bench_shapes(args: argparse.Namespace) -> list[dict]:
+    """`cospadi bench-shapes`: see bench/shapes.py."""
+    configs = args.configs.split(",")
+    unknown = [c for c in configs if c not in bench_shapes.CONFIGS]
+    if unknown:
+        raise CospadiError(f"unknown config {unknown[0]!r}; choose from {', '.join(bench_shapes.CONFIGS)}")
+    _positive("--repeats", args.repeats)
+    ratios = _ratios(args.ratios)
+    device = resolve_device(args.device)
+    cases = bench_shapes.load_cases(args.cases.split(","), args.model, Path(args.cache), args.seed)
+    say = (lambda text: None) if args.quiet else (lambda text: print(text, file=sys.stderr, flush=True))
+    rows = bench_shapes.compare_shapes(cases, ratios, configs, args.repeats, device, progress=say)
+    command = f"cospadi {' '.join(sys.argv[1:]) or 'bench-shapes'}"
+    header = (f"Solver time per matrix (median of {args.repeats}) and relative output error ||X(W - W')|| / ||X W||; "
+              f"complete = the default solver with k = d1 atoms and the same s; before = the k > d1 path this "
+              f"replaced (SVD start, one Batch-OMP alternation); {_where(device)}.\n\nReproduce: `{command}`\n")
+    name = f"shapes-{args.cases}-{args.ratios}"
+    body = header + "\n" + results_table(rows)
+    if args.estimate:
+        estimate = bench_shapes.estimate_model(0.3, args.repeats, device, seed=args.seed)
+        estimate.append(bench_shapes.pipeline_estimate(0.3, seed=args.seed))
+        table = results_table(estimate)
+        body += ("\n\nWhole-model time at ratio 0.3 for a model with Qwen2.5-0.5B's shapes: solver seconds per "
+                 "matrix (random weights, synthetic Grams, 2 threads each) times 24 blocks; then the whole "
+                 "compression (calibration, solving on the pipeline's worker threads, propagation) measured on a "
+                 "random 2-block model of those shapes with 32 x 512 random tokens, times 12:\n\n" + table)
+        print(table)
+    bench.write_section(Path(args.output), name, body)
+    return rows
+
+
 def _where(device: torch.device) -> str:
     """What the solvers ran on, for a benchmark's header."""
     if device.type == "cuda":
@@ -339,7 +390,7 @@ def main(argv: list[str] | None = None) -> int:
         transformers.utils.logging.disable_progress_bar()
     try:
         rows = {"compress": run_compress, "eval": run_eval, "bench": run_bench,
-                "bench-solver": run_bench_solver, "export": run_export,
+                "bench-solver": run_bench_solver, "bench-shapes": run_bench_shapes, "export": run_export,
                 "bench-infer": run_bench_infer}[args.command](args)
     except CospadiError as exc:
         print(f"error: {exc}", file=sys.stderr)

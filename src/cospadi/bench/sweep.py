@@ -69,20 +69,22 @@ class Sweep:
     @property
     def key(self) -> str:
         """Readable names plus a digest of the full model and data paths (two files both
-        called corpus.txt must not share a cache). Solver options are not in the key but
+        called corpus.txt must not share a cache), and the methods when they are not all of
+        them (a sweep of a few methods gets its own BENCHMARKS.md section). Solver options are not in the key but
         in the names of the cells that use them, so baselines survive a solver change."""
         digest = hashlib.sha1(f"{Path(self.model).resolve() if Path(self.model).exists() else self.model}|"
                               f"{Path(self.data).resolve() if Path(self.data).exists() else self.data}".encode())
         lm_eval = f"-lw{self.lastword_examples}-wd{self.wordppl_docs}" if self.tasks() else ""
+        subset = "" if set(self.methods) == set(BENCH_METHODS) else "-m" + "+".join(self.methods)
         return (f"{Path(self.model).name}-{Path(self.data).stem}-{digest.hexdigest()[:8]}"
-                f"-c{self.calib_samples}x{self.seq_len}-e{self.eval_windows}{lm_eval}-s{self.options.seed}")
+                f"-c{self.calib_samples}x{self.seq_len}-e{self.eval_windows}{lm_eval}-s{self.options.seed}{subset}")
 
     def cell_name(self, label: str, ratio: float) -> str:
         """The cache file of one cell: grouped methods carry their group size, dictionary
         methods their solver options."""
         method, grouped = BENCH_METHODS[label]
         o = self.options
-        solver = (f"-rho{o.rho:g}-{o.solver}-{o.init}-r{o.rounds}-it{o.iters}-sw{o.sweeps}-p{o.power_iters}"
+        solver = (f"-rho{o.rho:g}-{o.solver}-{o.init}-r{o.rounds}-it{o.iters}-sw{o.sweeps}-p{o.power_iters}-{o.coder}"
                   if get_method(method).uses_solver_options else "")
         return f"{label}{f'-g{self.group_size}' if grouped else ''}{solver}-{ratio:g}.json"
 

@@ -37,6 +37,10 @@ class Method:
         factor (docs/method.md "Budget"; members = 1: one matrix)."""
         raise NotImplementedError
 
+    def check(self, budget: Any, options: SolverOptions) -> None:
+        """CospadiError when `options` cannot solve `budget` (called for every job before
+        any work starts); the default accepts everything."""
+
     def solve(self, weights: Sequence[torch.Tensor], grams: Sequence[torch.Tensor], budget: Any,
               options: SolverOptions) -> list[Any]:
         """Factors of each weight W_l (d1, d2) under its Gram G_l (d1, d1) within `budget`

@@ -9,6 +9,7 @@ import torch
 from ..budget import DictBudget, dict_budget
 from ..layers.linear import DictLinear
 from ..solvers import cospadi, cospadi_grouped
+from ..solvers.dictionary import check_solver
 from ..solvers.factors import SparseDictFactors
 from ..solvers.options import SolverOptions
 from .base import Method
@@ -22,6 +23,9 @@ class Cospadi(Method):
 
     def budget(self, d1: int, d2: int, ratio: float, options: SolverOptions, members: int = 1) -> DictBudget:
         return dict_budget(d1, d2, ratio, options.rho, members)
+
+    def check(self, budget: DictBudget, options: SolverOptions) -> None:
+        check_solver(budget, options)
 
     def solve(self, weights: Sequence[torch.Tensor], grams: Sequence[torch.Tensor], budget: DictBudget,
               options: SolverOptions) -> list[SparseDictFactors]:

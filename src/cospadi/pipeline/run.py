@@ -19,7 +19,7 @@ from tqdm.auto import tqdm
 from transformers import PreTrainedModel
 
 from ..adapters import Adapter, adapter_for, decoder_layers
-from ..allocation import RatioMap, check_ratio_map, uniform_ratios
+from ..allocation import RatioMap, check_ratio_map, shared_ratio, uniform_ratios
 from ..budget import check_ratio
 from ..devices import resolve_device, to_device, visiting
 from ..errors import CospadiError
@@ -30,7 +30,7 @@ from ..resume import Progress, load_progress, restore_groups, run_fingerprint, s
 from ..solvers import SolverOptions
 from .calibrate import calibrate_block
 from .capture import BlockKwargs, capture_block_inputs, run_block
-from .solve import plan_jobs, solve_jobs
+from .solve import job_members, plan_jobs, solve_jobs
 
 
 @dataclass(frozen=True)
@@ -120,6 +120,21 @@ def compress_blocks(model: PreTrainedModel, input_ids: torch.Tensor, recipe: Rec
 def _prepare(model: PreTrainedModel, input_ids: torch.Tensor, recipe: Recipe, workers: int | None,
              device: str | torch.device | None) -> _Run:
     """Check the recipe against the model (CospadiError before any work) and set up the run."""
+    ratios = check_recipe(model, recipe)
+    layers = decoder_layers(model)
+    target = resolve_device(device) or next(model.parameters()).device
+    workers = max(1, workers or (1 if target.type != "cpu" else torch.get_num_threads()))
+    report = CompressionReport(recipe.method, recipe.ratio, dict(vars(recipe.options)), unique_param_count(model),
+                               calibration={"samples": int(input_ids.shape[0]), "seq_len": int(input_ids.shape[1])},
+                               group_size=recipe.group_size)
+    return _Run(model, layers, adapter_for(model), get_method(recipe.method), recipe, ratios, target, workers, report)
+
+
+def check_recipe(model: PreTrainedModel, recipe: Recipe) -> RatioMap:
+    """Everything about `recipe` that can be checked against `model` without calibrating:
+    the method, ratio and group size, the family, finite weights, the ratio map, and every
+    job's budget (a budget too small for one nonzero per column, a solver that cannot hold
+    it). CospadiError otherwise; returns the per-matrix ratios the run will use."""
     method = get_method(recipe.method)
     check_ratio(recipe.ratio)
     check_group_size(recipe.group_size, method)
@@ -128,12 +143,14 @@ def _prepare(model: PreTrainedModel, input_ids: torch.Tensor, recipe: Recipe, wo
     check_weights(adapter, layers)
     ratios = recipe.ratios if recipe.ratios is not None else uniform_ratios(len(layers), adapter.targets, recipe.ratio)
     check_ratio_map(ratios, len(layers), adapter.targets)
-    target = resolve_device(device) or next(model.parameters()).device
-    workers = max(1, workers or (1 if target.type != "cpu" else torch.get_num_threads()))
-    report = CompressionReport(recipe.method, recipe.ratio, dict(vars(recipe.options)), unique_param_count(model),
-                               calibration={"samples": int(input_ids.shape[0]), "seq_len": int(input_ids.shape[1])},
-                               group_size=recipe.group_size)
-    return _Run(model, layers, adapter, method, recipe, ratios, target, workers, report)
+    for blocks in block_groups(len(layers), recipe.group_size):
+        for name in adapter.targets:
+            for members in job_members(blocks, name, adapter):
+                linear = layers[members[0]].get_submodule(name)
+                ratio = shared_ratio([(i, name) for i in members], ratios)
+                budget = method.budget(linear.in_features, linear.out_features, ratio, recipe.options, len(members))
+                method.check(budget, recipe.options)
+    return ratios
 
 
 def _compress_group(run: _Run, blocks: list[int], bar: tqdm) -> None:

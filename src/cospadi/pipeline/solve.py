@@ -46,6 +46,12 @@ class Job:
 Solved = list[tuple[CompressedLinear, MatrixReport]]  # per member of a job
 
 
+def job_members(blocks: list[int], name: str, adapter: Adapter) -> list[list[int]]:
+    """The blocks whose linear `name` is solved together, per job: all the group's blocks
+    when the adapter shares `name` across a group of several, else one block per job."""
+    return [blocks] if len(blocks) > 1 and adapter.shares(name) else [[i] for i in blocks]
+
+
 def plan_jobs(layers: nn.ModuleList, blocks: list[int], adapter: Adapter, grams: Grams, ratios: RatioMap) -> list[Job]:
     """The jobs of a group of blocks, in the adapter's order: one job per shared projection
     kind over all the blocks (when there are several), one per private linear; each at
@@ -53,8 +59,7 @@ def plan_jobs(layers: nn.ModuleList, blocks: list[int], adapter: Adapter, grams:
     jobs = []
     for group in adapter.groups:
         for name in group:
-            together = [blocks] if len(blocks) > 1 and adapter.shares(name) else [[i] for i in blocks]
-            for members in together:
+            for members in job_members(blocks, name, adapter):
                 keys = [(i, name) for i in members]
                 jobs.append(Job(keys, [layers[i].get_submodule(name) for i in members],
                                 [grams[i][group] for i in members], shared_ratio(keys, ratios)))

@@ -13,7 +13,8 @@ from ..errors import CospadiError
 from .factors import DictionaryResult, SparseDictFactors, sparse_from_dense
 from .omp import batch_omp
 from .options import SolverOptions
-from .orthogonal import learn_orthogonal, single_step
+from .orthogonal import hard_threshold, learn_orthogonal, single_step
+from .pursuit import htp_code
 from .whitening import cholesky_upper, unwhiten, whiten
 
 
@@ -44,60 +45,103 @@ def learn_dictionary(signals: torch.Tensor, atoms: int, sparsity: int, options: 
                      on_iter: Callable[[int, float], None] | None = None) -> DictionaryResult:
     """Minimise ||Y - D S||_F^2 over D (n, k) and S (k, m) with exactly s nonzeros per
     column of S (the ksvd solver; `options.solver` is not read). `options.iters`
-    alternations of (1) Batch-OMP sparse coding and (2) `options.sweeps` K-SVD sweeps over
-    the atoms, each atom's rank-1 fit taken by `options.power_iters` power iterations
-    warm-started at the current atom; the support found by OMP is kept through the sweeps.
-    solvers.options.PAPER is the paper's solver.
+    alternations of (1) sparse coding by `options.coder` ("htp": hard thresholding
+    pursuit, solvers/pursuit.py; "omp": Batch-OMP) and (2) `options.sweeps` K-SVD sweeps
+    over the atoms, each atom's rank-1 fit taken by `options.power_iters` power iterations
+    warm-started at the current atom; the support found by the coder is kept through the
+    sweeps. solvers.options.PAPER is the paper's solver.
 
     Start: the (n, k) tensor `start` when given, else by `options.init`: "random" (k
     columns chosen with `options.seed`), "svd" (top singular vectors), "orthogonal"
     (learn_orthogonal's dictionary *and codes* after at most `options.rounds` rounds: its
-    sweeps run before the first OMP, and iters may be 0). "orthogonal" needs k <= n and
-    falls back to "svd" otherwise.
+    sweeps run before the first coding, and iters may be 0). With more atoms than
+    dimensions (k > n) "orthogonal" is overcomplete_start: the complete solution (k = n,
+    already swept) plus atoms from its residual, then at least one coding alternation, so
+    the result never fits worse than the complete dictionary at the same s.
 
-    The objective never increases: a column whose new OMP code fits worse than its
-    previous code under the same dictionary keeps the previous one, and the warm-started
-    power iteration never lowers an atom's Rayleigh quotient. objective[t] is recorded
-    after each round of sweeps; on_iter(t, objective) is called then."""
+    The objective never increases: a column whose new code fits worse than its previous
+    code under the same dictionary keeps the previous one, and the warm-started power
+    iteration never lowers an atom's Rayleigh quotient. objective[t] is recorded after
+    each round of sweeps; on_iter(t, objective) is called then."""
     y = signals
-    iters, power_iters, sweeps, init = options.iters, options.power_iters, options.sweeps, options.init
+    iters, n = options.iters, y.shape[0]
     coef = support = None
+    swept = False  # whether the start's codes were already swept (the overcomplete start)
     if start is not None:
         d = start.to(y) / start.to(y).norm(dim=0).clamp_min(torch.finfo(y.dtype).tiny)
-    elif init == "orthogonal" and atoms <= y.shape[0]:
+    elif options.init == "orthogonal" and atoms <= n:
         first = learn_orthogonal(y, atoms, sparsity, options.rounds)
-        d = first.dictionary
-        support = torch.zeros(atoms, y.shape[1], dtype=torch.bool, device=y.device).scatter_(0, first.indices, True)
-        coef = torch.zeros(atoms, y.shape[1], dtype=y.dtype, device=y.device).scatter_(0, first.indices, first.values)
+        d, coef, support = first.dictionary, *dense_codes(first.indices, first.values, atoms)
+    elif options.init == "orthogonal":
+        d, coef, support = overcomplete_start(y, atoms, sparsity, options)
+        iters, swept = max(iters, 1), True
     else:
-        d = initial_dictionary(y, atoms, options.seed, "svd" if init == "orthogonal" else init)
+        d = initial_dictionary(y, atoms, options.seed, options.init)
     if iters < (0 if coef is not None else 1):
         raise ValueError("iters must be at least 1 unless the start provides codes")
     history: list[float] = []
 
     def update(coef: torch.Tensor, support: torch.Tensor, residual: torch.Tensor) -> None:
-        _update_atoms(d, coef, support, residual, power_iters, sweeps)
+        _update_atoms(d, coef, support, residual, options.power_iters, options.sweeps)
         history.append(float((residual * residual).sum()))
         if on_iter is not None:
             on_iter(len(history) - 1, history[-1])
 
-    if coef is not None and support is not None:
+    if coef is not None and support is not None and not swept:
         update(coef, support, y - d @ coef)
     for _ in range(iters):
-        idx, val = batch_omp(d, y, sparsity)
-        new_support = torch.zeros(atoms, y.shape[1], dtype=torch.bool, device=y.device).scatter_(0, idx, True)
-        new_coef = torch.zeros(atoms, y.shape[1], dtype=y.dtype, device=y.device).scatter_(0, idx, val)
-        residual = y - d @ new_coef
-        if coef is not None and support is not None:
-            old_residual = y - d @ coef
-            worse = (residual * residual).sum(0) > (old_residual * old_residual).sum(0)
-            new_coef[:, worse], new_support[:, worse] = coef[:, worse], support[:, worse]
-            residual[:, worse] = old_residual[:, worse]
-        coef, support = new_coef, new_support
-        update(coef, support, residual)
+        coef, support = _code(d, y, sparsity, coef, support, options.coder)
+        update(coef, support, y - d @ coef)
     assert coef is not None and support is not None  # iters >= 1 or a start with codes
     indices, values = sparse_from_dense(coef, support)
     return DictionaryResult(d, indices, values, history)
+
+
+def dense_codes(indices: torch.Tensor, values: torch.Tensor, atoms: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(s, m) row indices and values -> dense codes (k, m) and their boolean support (k, m)."""
+    shape = (atoms, indices.shape[1])
+    support = torch.zeros(shape, dtype=torch.bool, device=values.device).scatter_(0, indices, True)
+    return torch.zeros(shape, dtype=values.dtype, device=values.device).scatter_(0, indices, values), support
+
+
+def overcomplete_start(signals: torch.Tensor, atoms: int, sparsity: int,
+                       options: SolverOptions) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """A start for k = `atoms` > n atoms that fits exactly as well as the complete solution:
+    learn_dictionary with k = n at the same s (the orthogonal start and its sweeps, no
+    coding), then k - n unit atoms along the top left singular vectors of its residual
+    Y - D S (the worst-fitted directions; seeded random ones past the residual's rank),
+    unused so far. Returns (dictionary (n, k), codes (k, m), support (k, m))."""
+    y = signals
+    n, m = y.shape
+    complete = learn_dictionary(y, n, sparsity, options.but(iters=0))
+    coef, support = dense_codes(complete.indices, complete.values, n)
+    residual = y - complete.dictionary @ coef
+    extra = torch.linalg.svd(residual, full_matrices=False).U[:, : atoms - n]
+    if extra.shape[1] < atoms - n:
+        gen = torch.Generator().manual_seed(options.seed)
+        fill = torch.randn(n, atoms - n - extra.shape[1], generator=gen, dtype=y.dtype).to(y.device)
+        extra = torch.cat([extra, fill / fill.norm(dim=0)], 1)
+    d = torch.cat([complete.dictionary, extra], 1)
+    pad = atoms - n
+    coef = torch.cat([coef, coef.new_zeros(pad, m)])
+    return d, coef, torch.cat([support, support.new_zeros(pad, m)])
+
+
+def _code(d: torch.Tensor, y: torch.Tensor, sparsity: int, coef: torch.Tensor | None, support: torch.Tensor | None,
+          coder: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """New codes (k, m) and support with s nonzeros per column by `coder`; each column
+    keeps its previous code (when there is one) if the new one fits worse."""
+    if coder == "htp":
+        if coef is None or support is None:
+            coef, support = hard_threshold(d.T @ y, sparsity)
+        return htp_code(d, y, sparsity, coef, support)
+    idx, val = batch_omp(d, y, sparsity)
+    new_coef, new_support = dense_codes(idx, val, d.shape[1])
+    if coef is not None and support is not None:
+        new_residual, old_residual = y - d @ new_coef, y - d @ coef
+        worse = (new_residual * new_residual).sum(0) > (old_residual * old_residual).sum(0)
+        new_coef[:, worse], new_support[:, worse] = coef[:, worse], support[:, worse]
+    return new_coef, new_support
 
 
 def _update_atoms(d: torch.Tensor, coef: torch.Tensor, support: torch.Tensor, residual: torch.Tensor,
@@ -145,16 +189,10 @@ def cospadi(weight: torch.Tensor, gram: torch.Tensor, budget: DictBudget, option
     `options.rounds` rounds, needs k <= d1) or "single-step". Learning runs in `dtype`;
     returns a float64 dictionary (d1, k) and values (s, d2), indices (s, d2).
 
-    An overcomplete budget (k > d1: shared dictionaries at low ratios, e.g. SmolLM2's
-    gate/up in groups of 2 below ratio 0.35) cannot start orthonormal: the orthogonal
-    start becomes an SVD start, which has no codes yet, so at least one Batch-OMP
-    alternation runs; the orthogonal solver refuses with a CospadiError."""
-    if budget.atoms > budget.d1:
-        if options.solver == "orthogonal":
-            raise CospadiError(f"the orthogonal solver needs at most d1 = {budget.d1} atoms, the budget has "
-                               f"{budget.atoms} (an overcomplete dictionary): use --solver ksvd, or a higher ratio")
-        if options.solver == "ksvd" and options.init == "orthogonal" and options.iters == 0:
-            options = options.but(iters=1)
+    An overcomplete budget (k > d1: an MLP's gate/up at real models' shapes, shared
+    dictionaries at low ratios) runs learn_dictionary's overcomplete start (docs/method.md
+    "Overcomplete dictionaries"); the orthogonal solver refuses it (check_solver)."""
+    check_solver(budget, options)
     upper = cholesky_upper(gram)
     whitened = whiten(upper, weight)
     # A tall L W (d1 > d2, e.g. down_proj) has rank <= d2: with L W = Q R (Q (d1, d2)
@@ -175,3 +213,12 @@ def cospadi(weight: torch.Tensor, gram: torch.Tensor, budget: DictBudget, option
     if basis is not None:
         dictionary = basis @ dictionary
     return SparseDictFactors(unwhiten(upper, dictionary), result.indices, result.values.to(torch.float64))
+
+
+def check_solver(budget: DictBudget, options: SolverOptions) -> None:
+    """CospadiError when `options` cannot solve `budget`: the orthogonal solver holds at
+    most d1 orthonormal atoms."""
+    if options.solver == "orthogonal" and budget.atoms > budget.d1:
+        raise CospadiError(f"the orthogonal solver needs at most d1 = {budget.d1} atoms, the budget has "
+                           f"{budget.atoms} (an overcomplete dictionary): use --solver ksvd (the default), or a "
+                           "higher ratio")

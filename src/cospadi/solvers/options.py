@@ -11,6 +11,7 @@ from ..errors import CospadiError
 
 SOLVERS = ("ksvd", "orthogonal", "single-step")
 INITS = ("orthogonal", "svd", "random")
+CODERS = ("htp", "omp")
 
 
 def _option(default: Any, help: str, low: int | None = None) -> Any:
@@ -38,6 +39,9 @@ class SolverOptions:
     rounds: int = _option(25, "at most this many (threshold, Procrustes) rounds of the orthogonal start or "
                               "solver; they stop early once a round gains < 1e-4 (40: about +15%% time, lower "
                               "error)", low=1)
+    coder: str = _option("htp", f"sparse coding of the ksvd alternations, one of {', '.join(CODERS)}: htp = hard "
+                                "thresholding pursuit with a least-squares refit (cost independent of s), omp = "
+                                "Batch-OMP (the paper's)")
 
     def __post_init__(self) -> None:
         check_rho(self.rho)
@@ -49,6 +53,8 @@ class SolverOptions:
             if low is not None and (not isinstance(value, int) or isinstance(value, bool) or value < low):
                 raise CospadiError(f"{option.name} {value!r} must be an integer >= {low} (the paper uses iters=60, "
                                    "power_iters=8, sweeps=1)")
+        if self.coder not in CODERS:
+            raise CospadiError(f"coder {self.coder!r} is unknown; choose one of: {', '.join(CODERS)}")
         if self.init not in INITS:
             raise CospadiError(f"init {self.init!r} is unknown; choose one of: {', '.join(INITS)}")
         if self.solver == "ksvd" and self.iters == 0 and self.init != "orthogonal":
@@ -60,4 +66,4 @@ class SolverOptions:
         return replace(self, **changes)
 
 
-PAPER = SolverOptions(solver="ksvd", init="random", iters=60, power_iters=8, sweeps=1)  # the paper's solver
+PAPER = SolverOptions(solver="ksvd", init="random", iters=60, power_iters=8, sweeps=1, coder="omp")  # the paper's solver

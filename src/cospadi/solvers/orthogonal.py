@@ -50,21 +50,30 @@ def learn_orthogonal(signals: torch.Tensor, atoms: int, sparsity: int, iters: in
 def single_step(signals: torch.Tensor, atoms: int, sparsity: int) -> DictionaryResult:
     """Codes = the s largest-magnitude coefficients per column of the rank-k SVD of Y
     (n, m) (their sensitivity: the error each one's removal would add); dictionary = the
-    least-squares D for those codes. Unit-norm atoms; objective has one entry."""
+    least-squares D for those codes. Unit-norm atoms; objective has one entry. Atoms that
+    no code uses (beyond the rank of Y, e.g. k > n) get the unit vectors along the largest
+    residual directions and keep zero coefficients."""
     u, sigma, vh = torch.linalg.svd(signals, full_matrices=False)
     k = min(atoms, sigma.numel())
     coefficients = torch.zeros(atoms, signals.shape[1], dtype=signals.dtype, device=signals.device)
     coefficients[:k] = sigma[:k, None] * vh[:k]
     coef, support = hard_threshold(coefficients, sparsity)
-    # argmin_D ||Y - D S||_F from the normal equations D (S S^T) = Y S^T; Cholesky keeps it
-    # bit-reproducible (lstsq is not), a tiny ridge covers atoms no column uses.
-    normal = coef @ coef.T
-    normal.diagonal().add_(1e-12 * float(normal.diagonal().mean()) + torch.finfo(normal.dtype).tiny)
-    d = torch.cholesky_solve((signals @ coef.T).T, torch.linalg.cholesky(normal)).T
+    live = coef.abs().sum(1) > 0
+    # argmin_D ||Y - D S||_F from the normal equations D (S S^T) = Y S^T over the used atoms,
+    # in float64 with a relative ridge; Cholesky keeps it bit-reproducible (lstsq is not).
+    used = coef[live].double()
+    normal = used @ used.T
+    normal.diagonal().add_(1e-10 * float(normal.diagonal().mean()) + torch.finfo(normal.dtype).tiny)
+    d = torch.zeros(signals.shape[0], atoms, dtype=signals.dtype, device=signals.device)
+    d[:, live] = torch.cholesky_solve((signals.double() @ used.T).T, torch.linalg.cholesky(normal)).T.to(d.dtype)
     norms = d.norm(dim=0)
-    live = norms > 0
-    d[:, live] /= norms[live]
-    coef[live] *= norms[live, None]
+    scaled = norms > 0
+    d[:, scaled] /= norms[scaled]
+    coef[scaled] *= norms[scaled, None]
     residual = signals - d @ coef
+    dead = torch.nonzero(~scaled).squeeze(1)
+    if dead.numel():
+        directions = torch.linalg.svd(residual, full_matrices=False).U
+        d[:, dead] = directions[:, torch.arange(dead.numel(), device=d.device) % directions.shape[1]]
     indices, values = sparse_from_dense(coef, support)
     return DictionaryResult(d, indices, values, [float((residual * residual).sum())])
