@@ -41,3 +41,15 @@ def test_unknown_cases_and_configs_are_one_line_errors(capsys, tmp_path):
     code = cli.main(["bench-shapes", "--configs", "default,fast", "--output", str(tmp_path / "B.md")])
     assert code == 2 and "unknown config 'fast'" in capsys.readouterr().err
     assert not (tmp_path / "B.md").exists()
+
+
+def test_the_estimate_alone_gets_its_own_section(monkeypatch, tmp_path, capsys):
+    monkeypatch.setattr(shapes, "QWEN05", {"self_attn.q_proj": (16, 16), "mlp.up_proj": (16, 160)})
+    monkeypatch.setattr(shapes, "pipeline_estimate", lambda ratio, seed: shapes._estimate_row("pipeline", "-", "-",
+                                                                                              10.0, 30.0))
+    out = tmp_path / "B.md"
+    assert cli.main(["bench-shapes", "--cases", "none", "--estimate", "--output", str(out)]) == 0
+    text = out.read_text()
+    assert "<!-- bench:shapes-estimate-qwen2.5-0.5b -->" in text and "bench:shapes-none" not in text
+    assert "| pipeline | - | - | 10 | 30 | 3 |" in text
+    assert "Reproduce: `cospadi bench-shapes" in text

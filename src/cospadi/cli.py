@@ -145,7 +145,7 @@ def build_parser() -> argparse.ArgumentParser:
                        "time and error against svd-llm and the complete dictionary")
     h.add_argument("--model", default="smollm2-135m", help="model whose block 15 gives the real matrices")
     h.add_argument("--cases", default=",".join(bench_shapes.DEFAULT_CASES),
-                   help=f"comma-separated, from {', '.join(bench_shapes.CASES)}")
+                   help=f"comma-separated, from {', '.join(bench_shapes.CASES)}; none: only --estimate")
     h.add_argument("--ratios", default="0.2,0.3", help="comma-separated ratios")
     h.add_argument("--configs", default=",".join(bench_shapes.CONFIGS),
                    help=f"comma-separated, from {', '.join(bench_shapes.CONFIGS)}")
@@ -286,7 +286,7 @@ def run_bench(args: argparse.Namespace) -> list[dict]:
         bench_plot.check_matplotlib()
     cells = bench.run_sweep(sweep, Path(args.cache), progress=not args.quiet)
     rows = bench.table_rows(cells)
-    command = "cospadi " + " ".join(sys.argv[1:]) if sys.argv[1:2] == ["bench"] else "cospadi bench"
+    command = _command("bench")
     body = bench.describe(sweep, command, cells) + "\n" + results_table(rows)
     if plot is not None:
         bench_plot.plot_sweep(cells, plot, f"{Path(sweep.model).name}: {sweep.calib_samples} x {sweep.seq_len} "
@@ -322,14 +322,15 @@ def run_bench_solver(args: argparse.Namespace) -> list[dict]:
     header = (f"Block {args.block} of `{args.model}`, Grams from {args.calib_samples} x {args.seq_len} calibration "
               f"tokens; error = ||X(W - W')|| / ||X W||; seconds = median of {args.repeats} "
               f"runs (paper reference: {args.paper_repeats}); "
-              f"{_where(device)}.\n\nReproduce: `cospadi {' '.join(sys.argv[1:]) or 'bench-solver'}`\n")
+              f"{_where(device)}.\n\nReproduce: `{_command('bench-solver')}`\n")
     name = f"solver-{Path(args.model).name}-block{args.block}-{args.ratios}-{args.configs}"
     bench.write_section(Path(args.output), name, header + "\n" + results_table(rows))
     return rows
 
 
 def run_bench_shapes(args: argparse.Namespace) -> list[dict]:
-    """`cospadi bench-shapes`: see bench/shapes.py."""
+    """`cospadi bench-shapes`: see bench/shapes.py. The comparison (unless --cases none)
+    and the --estimate each go into their own BENCHMARKS.md section."""
     configs = args.configs.split(",")
     unknown = [c for c in configs if c not in bench_shapes.CONFIGS]
     if unknown:
@@ -337,26 +338,35 @@ def run_bench_shapes(args: argparse.Namespace) -> list[dict]:
     _positive("--repeats", args.repeats)
     ratios = _ratios(args.ratios)
     device = resolve_device(args.device)
-    cases = bench_shapes.load_cases(args.cases.split(","), args.model, Path(args.cache), args.seed)
-    say = (lambda text: None) if args.quiet else (lambda text: print(text, file=sys.stderr, flush=True))
-    rows = bench_shapes.compare_shapes(cases, ratios, configs, args.repeats, device, progress=say)
-    command = f"cospadi {' '.join(sys.argv[1:]) or 'bench-shapes'}"
-    header = (f"Solver time per matrix (median of {args.repeats}) and relative output error ||X(W - W')|| / ||X W||; "
-              f"complete = the default solver with k = d1 atoms and the same s; before = the k > d1 path this "
-              f"replaced (SVD start, one Batch-OMP alternation); {_where(device)}.\n\nReproduce: `{command}`\n")
-    name = f"shapes-{args.cases}-{args.ratios}"
-    body = header + "\n" + results_table(rows)
+    command = _command("bench-shapes")
+    rows: list[dict] = []
+    if args.cases != "none":
+        cases = bench_shapes.load_cases(args.cases.split(","), args.model, Path(args.cache), args.seed)
+        say = (lambda text: None) if args.quiet else (lambda text: print(text, file=sys.stderr, flush=True))
+        rows = bench_shapes.compare_shapes(cases, ratios, configs, args.repeats, device, progress=say)
+        header = (f"Solver time per matrix (median of {args.repeats}) and relative output error ||X(W - W')|| / "
+                  f"||X W||; complete = the default solver with k = d1 atoms and the same s; before = the k > d1 "
+                  f"path this replaced (SVD start, one Batch-OMP alternation); {_where(device)}.\n\n"
+                  f"Reproduce: `{command}`\n")
+        bench.write_section(Path(args.output), f"shapes-{args.cases}-{args.ratios}", header + "\n" + results_table(rows))
     if args.estimate:
         estimate = bench_shapes.estimate_model(0.3, args.repeats, device, seed=args.seed)
         estimate.append(bench_shapes.pipeline_estimate(0.3, seed=args.seed))
-        table = results_table(estimate)
-        body += ("\n\nWhole-model time at ratio 0.3 for a model with Qwen2.5-0.5B's shapes: solver seconds per "
-                 "matrix (random weights, synthetic Grams, 2 threads each) times 24 blocks; then the whole "
-                 "compression (calibration, solving on the pipeline's worker threads, propagation) measured on a "
-                 "random 2-block model of those shapes with 32 x 512 random tokens, times 12:\n\n" + table)
-        print(table)
-    bench.write_section(Path(args.output), name, body)
+        header = ("Whole-model time at ratio 0.3 for a model with Qwen2.5-0.5B's shapes: solver seconds per matrix "
+                  f"(random weights, synthetic Grams, {_where(device)}) times 24 blocks; then the whole compression "
+                  "(calibration, solving on the pipeline's worker threads, propagation) measured on a random 2-block "
+                  f"model of those shapes with 32 x 512 random tokens, times 12.\n\nReproduce: `{command}`\n")
+        bench.write_section(Path(args.output), "shapes-estimate-qwen2.5-0.5b", header + "\n" + results_table(estimate))
+        if not rows:
+            return estimate
+        print(results_table(estimate))  # main prints the comparison
     return rows
+
+
+def _command(subcommand: str) -> str:
+    """The command line that reproduces this run, for a benchmark's header: this process's
+    arguments when it is `cospadi <subcommand> ...`, else the bare subcommand (API calls)."""
+    return "cospadi " + " ".join(sys.argv[1:]) if sys.argv[1:2] == [subcommand] else f"cospadi {subcommand}"
 
 
 def _where(device: torch.device) -> str:
@@ -377,7 +387,7 @@ def run_export(args: argparse.Namespace) -> list[dict]:
 
 def run_bench_infer(args: argparse.Namespace) -> list[dict]:
     """`cospadi bench-infer`: see bench/infer.py."""
-    command = "cospadi " + " ".join(sys.argv[1:]) if sys.argv[1:2] == ["bench-infer"] else "cospadi bench-infer"
+    command = _command("bench-infer")
     return bench_infer.run(bench_infer.from_args(args), Path(args.work), Path(args.output), command,
                            progress=not args.quiet)
 
