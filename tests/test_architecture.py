@@ -14,6 +14,7 @@ import cospadi
 from cospadi import cli
 from cospadi.adapters import Adapter, adapter_for
 from cospadi.budget import lowrank_budget
+from cospadi.cli_common import solver_options
 from cospadi.errors import CospadiError
 from cospadi.layers.base import MODULE_KINDS, CompressedLinear, compressed_modules
 from cospadi.layers.linear import LowRankLinear
@@ -173,7 +174,7 @@ def test_help_shows_every_solver_default_from_solver_options():
         assert f"(default: {getattr(defaults, option.name)})" in after[:400], flag
     assert "(default: 0.3)" in text and "(default: cospadi)" in text
     parsed = cli.build_parser().parse_args(["compress"])
-    assert cli._solver_options(parsed) == defaults
+    assert solver_options(parsed) == defaults
 
 
 @pytest.mark.parametrize("method", ["cospadi", "basis-sharing"])

@@ -192,12 +192,16 @@ def test_bad_storage_options_are_refused_before_writing(tmp_path, compressed):
     assert list(tmp_path.iterdir()) == []
 
 
-def test_save_over_an_existing_folder_replaces_it_and_leaves_no_leftovers(tmp_path, compressed):
+def test_save_over_an_earlier_output_replaces_it_and_leaves_no_leftovers(tmp_path, compressed):
     model, report = compressed("qwen2", "svd-llm")
     out = tmp_path / "out"
     out.mkdir()
+    (out / DESCRIPTION).write_text("{}")  # an earlier cospadi output
     (out / "stale.txt").write_text("from an earlier run")
-    cospadi.save(model, None, out, report.to_dict())
+    with pytest.raises(CospadiError, match="earlier cospadi output: pass --overwrite"):
+        cospadi.save(model, None, out, report.to_dict())
+    assert (out / "stale.txt").is_file()
+    cospadi.save(model, None, out, report.to_dict(), overwrite=True)
     assert not (out / "stale.txt").exists()
     assert (out / DESCRIPTION).is_file()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]  # no .out.tmp-* nor .out.old-*
@@ -215,11 +219,14 @@ def test_atomic_folder_success_and_failure(tmp_path):
     assert (out / "a.txt").read_text() == "a"
     assert sorted(p.name for p in out.parent.iterdir()) == ["dest"]
 
-    with pytest.raises(RuntimeError, match="boom"), atomic_folder(out) as tmp:
+    with pytest.raises(CospadiError, match="cospadi did not write"), atomic_folder(out, overwrite=True):
+        pass
+    (out / "cospadi.json").write_text("{}")  # now an earlier output: replaceable with overwrite
+    with pytest.raises(RuntimeError, match="boom"), atomic_folder(out, overwrite=True) as tmp:
         (tmp / "a.txt").write_text("b")
         (tmp / "b.txt").write_text("b")
         raise RuntimeError("boom")
-    assert sorted(p.name for p in out.iterdir()) == ["a.txt"]
+    assert sorted(p.name for p in out.iterdir()) == ["a.txt", "cospadi.json"]
     assert (out / "a.txt").read_text() == "a"
     assert sorted(p.name for p in out.parent.iterdir()) == ["dest"]
 
@@ -276,7 +283,7 @@ def test_failed_save_leaves_an_existing_destination_untouched(tmp_path, monkeypa
     model, report = compressed("llama", "svd-llm")
     _fail_midway(model, monkeypatch)
     with pytest.raises(OSError):
-        cospadi.save(model, None, out, report.to_dict())
+        cospadi.save(model, None, out, report.to_dict(), overwrite=True)
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
     loaded, _ = cospadi.load(out)  # still the earlier cospadi model

@@ -94,7 +94,7 @@ def test_densify_in_memory_and_export_errors(tmp_path, saved):
     densify(model)
     assert not hasattr(model.config, "quantization_config")
     assert torch.allclose(logits(model, ids(4)), before, atol=1e-5)
-    with pytest.raises(CospadiError, match="overwrite its source"):
+    with pytest.raises(CospadiError, match="is the source folder"):
         export_dense(tmp_path / "cospadi", tmp_path / "cospadi")
     with pytest.raises(CospadiError, match="does not exist"):
         export_dense(tmp_path / "missing", tmp_path / "out")

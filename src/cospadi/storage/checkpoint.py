@@ -6,8 +6,11 @@ run's full report) and `REPORT.md` (a short human-readable summary). config.json
 a `quantization_config` with `quant_method: "cospadi"` and every compressed module's
 spec (config.py), so after `import cospadi` plain
 `AutoModelForCausalLM.from_pretrained(folder)` rebuilds the model; `load` does the same
-after checking the folder. Folders are written under a temporary name and renamed into
-place, so a failed or interrupted save never leaves a half-written folder."""
+after checking the folder. cospadi.json also records the sha256 of every weight file;
+both routes refuse a file that no longer matches (older folders have none: not checked).
+Folders are written under a temporary name and renamed into place, so a failed or
+interrupted save never leaves a half-written folder; an existing folder is replaced only
+when it is an earlier cospadi output and overwrite=True (files.py)."""
 from __future__ import annotations
 
 import json
@@ -18,15 +21,14 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 
 from ..errors import CospadiError
-from ..files import atomic_folder
+from ..files import atomic_folder, check_output_folder
 from ..layers.base import compressed_modules
 from ..layers.coefficients import check_coef_bits
 from .config import FORMAT_VERSION, CospadiConfig
-from .folder_checks import check_folder
+from .folder_checks import DESCRIPTION, check_folder, file_sha256, verified, weight_files
 from .folder_report import render_report
 from .sharing import declared_for_saving
 
-DESCRIPTION = "cospadi.json"
 REPORT = "REPORT.md"
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -73,29 +75,36 @@ def _cast_saved_tensors(model: torch.nn.Module, dtype: torch.dtype) -> None:
 
 def save(model: PreTrainedModel, tokenizer, out_dir: str | os.PathLike, report: dict | None = None, *,
          dtype: torch.dtype | str | None = None, coef_bits: int | None = None,
-         max_shard_size: str | int | None = None) -> Path:
-    """Write the compressed `model`, its tokenizer (None: none), cospadi.json and
-    REPORT.md to `out_dir` atomically. `dtype` ('float32', 'bfloat16', 'float16'; None:
-    the model's own) and `coef_bits` (14: packed 14-bit values of S; None: the dtype's)
-    choose the storage; if they change the numbers, `model` is converted in place first
-    (to_storage), so the model you hold computes exactly what the folder reloads.
-    `max_shard_size` (e.g. "200MB") splits the weights into several safetensors shards."""
+         max_shard_size: str | int | None = None, overwrite: bool = False) -> Path:
+    """Write the compressed `model`, its tokenizer (None: none), cospadi.json (with the
+    sha256 of every weight file) and REPORT.md to `out_dir` atomically. `dtype`
+    ('float32', 'bfloat16', 'float16'; None: the model's own) and `coef_bits` (14: packed
+    14-bit values of S; None: the dtype's) choose the storage; if they change the numbers,
+    `model` is converted in place first (to_storage), so the model you hold computes
+    exactly what the folder reloads. `max_shard_size` (e.g. "200MB") splits the weights
+    into several safetensors shards. An existing `out_dir` is replaced only when it is an
+    earlier cospadi output and `overwrite` is set; the folder the model was loaded from
+    (or a parent of it) and a folder holding other files are refused (files.py)."""
     modules = dict(compressed_modules(model))
     if not modules:
         raise CospadiError("the model has no compressed modules: compress it first (cospadi.compress), or save a "
                            "dense model with save_pretrained")
+    source = str(getattr(model, "name_or_path", "") or "")
+    inputs = {"the folder the model was loaded from": source if source and Path(source).is_dir() else None}
+    check_output_folder(out_dir, overwrite=overwrite, inputs=inputs)  # before converting the model
     to_storage(model, dtype, coef_bits)
     report = report or {}
     bits = coef_bits if any(m.coef_bits == coef_bits for m in modules.values()) else None
     model.config.quantization_config = CospadiConfig.from_model(model, bits, report.get("method"),
                                                                 report.get("ratio"))
     kwargs = {"max_shard_size": max_shard_size} if max_shard_size is not None else {}
-    with atomic_folder(out_dir) as tmp:
+    with atomic_folder(out_dir, overwrite=overwrite, inputs=inputs) as tmp:
         with declared_for_saving(model):  # shared factors are written once
             model.save_pretrained(tmp, **kwargs)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
-        description = {"format_version": FORMAT_VERSION, "report": report}
+        checksums = {path.name: file_sha256(path) for path in weight_files(tmp)}
+        description = {"format_version": FORMAT_VERSION, "checksums": checksums, "report": report}
         (tmp / DESCRIPTION).write_text(json.dumps(description, indent=1))
         (tmp / REPORT).write_text(render_report(model, report, bits))
     return Path(out_dir)
@@ -105,13 +114,15 @@ def load(path: str | os.PathLike, dtype: torch.dtype | str | None = None) -> tup
     """Rebuild a model saved by `save`: (model in eval mode, tokenizer or None). The model
     comes back at its saved dtype unless `dtype` says otherwise; its logits are
     bit-identical to those of the model that was saved. Every damaged-folder case raises
-    CospadiError with what to do (see folder_checks.py)."""
+    CospadiError with what to do (see folder_checks.py), a weight file that differs from
+    its recorded sha256 included."""
     folder = Path(path)
     check_folder(folder)
     torch_dtype = parse_dtype(dtype) or "auto"
     try:
-        model, info = AutoModelForCausalLM.from_pretrained(folder, dtype=torch_dtype, output_loading_info=True,
-                                                           ignore_mismatched_sizes=True)  # reported below
+        with verified(weight_files(folder)):  # the quantizer need not hash them again
+            model, info = AutoModelForCausalLM.from_pretrained(folder, dtype=torch_dtype, output_loading_info=True,
+                                                               ignore_mismatched_sizes=True)  # reported below
     except CospadiError:
         raise
     except (OSError, ValueError, RuntimeError, KeyError, TypeError) as exc:

@@ -1,9 +1,12 @@
 """`cospadi export --dense DIR OUT`: a plain transformers checkpoint of a compressed
 model, every DictLinear / LowRankLinear multiplied out into an nn.Linear with
 W = D S (or U V), for runtimes that know nothing of cospadi. It is as large as the dense
-original; what it keeps is the compressed model's accuracy."""
+original; what it keeps is the compressed model's accuracy. Beside the transformers files
+it writes `cospadi-export.json` (where the export came from), which marks the folder as a
+cospadi output that a later export may replace with overwrite=True."""
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
@@ -11,10 +14,11 @@ import torch
 from torch import nn
 from transformers import PreTrainedModel
 
-from ..errors import CospadiError
-from ..files import atomic_folder
+from ..files import atomic_folder, check_output_folder
 from ..layers.base import compressed_modules
 from .checkpoint import load, parse_dtype
+
+EXPORT_DESCRIPTION = "cospadi-export.json"  # one of files.OUTPUT_MARKERS
 
 
 @torch.no_grad()
@@ -41,16 +45,21 @@ def densify(model: PreTrainedModel) -> PreTrainedModel:
 
 
 def export_dense(folder: str | os.PathLike, out_dir: str | os.PathLike,
-                 dtype: torch.dtype | str | None = None) -> Path:
+                 dtype: torch.dtype | str | None = None, overwrite: bool = False) -> Path:
     """Load the cospadi folder `folder`, densify it and write a plain transformers folder
-    (config without quantization entry, safetensors, tokenizer) to `out_dir` atomically,
-    at `dtype` ('float32', 'bfloat16', 'float16'; None: the saved dtype)."""
-    if Path(out_dir).resolve() == Path(folder).resolve():
-        raise CospadiError("the export would overwrite its source folder: choose another OUT")
+    (config without quantization entry, safetensors, tokenizer, cospadi-export.json) to
+    `out_dir` atomically, at `dtype` ('float32', 'bfloat16', 'float16'; None: the saved
+    dtype). `out_dir` must not be `folder` or a parent of it, nor a folder of other files;
+    an earlier cospadi output there is replaced only with `overwrite`."""
+    inputs = {"the source folder": folder}
+    check_output_folder(out_dir, overwrite=overwrite, inputs=inputs)  # before the minutes of loading
     model, tokenizer = load(folder, dtype=parse_dtype(dtype))
     densify(model)
-    with atomic_folder(out_dir) as tmp:
+    with atomic_folder(out_dir, overwrite=overwrite, inputs=inputs) as tmp:
         model.save_pretrained(tmp)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
+        description = {"exported_from": str(Path(folder).resolve()), "format": "dense",
+                       "dtype": str(model.dtype).removeprefix("torch.")}
+        (tmp / EXPORT_DESCRIPTION).write_text(json.dumps(description, indent=1))
     return Path(out_dir)

@@ -1,10 +1,15 @@
 """Checks that turn a damaged cospadi folder into one clear CospadiError before torch or
 transformers meet it: missing or unreadable config.json, no cospadi entry, a format
-version from a newer cospadi, a missing shard, a truncated or garbled safetensors file."""
+version from a newer cospadi, a missing shard, a truncated or garbled safetensors file,
+a weight file whose sha256 differs from the one cospadi.json recorded at save time."""
 from __future__ import annotations
 
+import hashlib
 import json
 import struct
+from collections.abc import Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
 from pathlib import Path
 
 from ..errors import CospadiError
@@ -12,6 +17,9 @@ from .config import QUANT_METHOD, CospadiConfig, stored_shapes
 
 INDEX = "model.safetensors.index.json"
 SINGLE = "model.safetensors"
+DESCRIPTION = "cospadi.json"
+# weight files whose checksums the running `load` verified, so the quantizer skips them
+_VERIFIED: ContextVar[frozenset[Path]] = ContextVar("cospadi_verified", default=frozenset())
 
 
 def read_config(folder: Path) -> dict:
@@ -95,9 +103,68 @@ def check_module_tensors(entry: dict, headers: list[dict]) -> None:
                                    f"{list(expected)}; the folder is corrupt or mixed from two runs: compress again")
 
 
+def file_sha256(path: Path) -> str:
+    """The sha256 of the file at `path`, in hex."""
+    with path.open("rb") as fh:
+        return hashlib.file_digest(fh, "sha256").hexdigest()
+
+
+def recorded_checksums(folder: Path) -> dict[str, str] | None:
+    """The `checksums` (file name -> sha256) that cospadi.json of `folder` recorded at
+    save time; None when there is no cospadi.json or it has none (folders saved by an
+    older cospadi)."""
+    path = folder / DESCRIPTION
+    if not path.is_file():
+        return None
+    try:
+        sums = json.loads(path.read_text()).get("checksums")
+    except (json.JSONDecodeError, UnicodeDecodeError, AttributeError):
+        raise CospadiError(f"{path} is not a valid cospadi description; the folder is corrupt: copy it again or "
+                           "compress again") from None
+    if sums is not None and not (isinstance(sums, dict) and all(isinstance(v, str) for v in sums.values())):
+        raise CospadiError(f"{path} has an unreadable checksums entry; the folder is corrupt: copy it again or "
+                           "compress again")
+    return sums
+
+
+def verify_checksums(paths: list[str | Path]) -> None:
+    """CospadiError naming the first weight file whose sha256 differs from the one its
+    folder's cospadi.json recorded (or that it does not list); nothing is checked where
+    no checksums were recorded, nor for files the running `load` already verified."""
+    skip = _VERIFIED.get()
+    sums: dict[Path, dict[str, str] | None] = {}
+    for path in map(Path, paths):
+        if path.resolve() in skip:
+            continue
+        if path.parent not in sums:
+            sums[path.parent] = recorded_checksums(path.parent)
+        recorded = sums[path.parent]
+        if recorded is None:
+            continue
+        if path.name not in recorded:
+            raise CospadiError(f"{path} is not listed in the checksums of {DESCRIPTION}: the folder mixes files of "
+                               "two saves; copy it again or compress again")
+        if file_sha256(path) != recorded[path.name]:
+            raise CospadiError(f"{path} is damaged (its sha256 differs from the one {DESCRIPTION} recorded at save "
+                               "time): copy it again or compress again")
+
+
+@contextmanager
+def verified(paths: list[Path]) -> Iterator[None]:
+    """While the block runs, verify_checksums skips `paths` (already verified)."""
+    token = _VERIFIED.set(frozenset(path.resolve() for path in paths))
+    try:
+        yield
+    finally:
+        _VERIFIED.reset(token)
+
+
 def check_folder(folder: Path) -> dict:
-    """Every check above on a cospadi folder; returns its config.json as a dict."""
+    """Every check above on a cospadi folder, checksums included; returns its config.json
+    as a dict."""
     config = read_config(folder)
-    headers = [check_safetensors(path) for path in weight_files(folder)]
+    paths = weight_files(folder)
+    headers = [check_safetensors(path) for path in paths]
+    verify_checksums(paths)
     check_module_tensors(config["quantization_config"], headers)
     return config

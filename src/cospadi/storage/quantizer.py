@@ -3,10 +3,11 @@ mechanism (register_quantization_config / register_quantizer, HfQuantizer).
 
 After `import cospadi`, `AutoModelForCausalLM.from_pretrained(folder)` finds the
 "cospadi" quantizer: before the weights are read it checks the safetensors headers against
-config.json and swaps every listed nn.Linear for the compressed module its entry describes
-(on the meta device, at the model's dtype); the weights then load by name into those
-modules; afterwards every compressed module prepares itself (checks its mask, derives its
-row indices)."""
+config.json and the files against the sha256 that cospadi.json beside them recorded (when
+it records any), and swaps every listed nn.Linear for the compressed module its entry
+describes (on the meta device, at the model's dtype); the weights then load by name into
+those modules; afterwards every compressed module prepares itself (checks its mask,
+derives its row indices)."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -21,7 +22,7 @@ from transformers.quantizers.base import HfQuantizer
 
 from ..layers.base import compressed_modules
 from .config import QUANT_METHOD, CospadiConfig, replace_modules
-from .folder_checks import check_module_tensors, check_safetensors
+from .folder_checks import check_module_tensors, check_safetensors, verify_checksums
 from .memory import realign, release_weight_files
 from .sharing import tie_shared
 
@@ -37,6 +38,7 @@ class CospadiHfQuantizer(HfQuantizer):
         files = [f for f in checkpoint_files or [] if str(f).endswith(".safetensors")]
         if files:
             headers = [check_safetensors(Path(f)) for f in files]
+            verify_checksums(files)
             check_module_tensors(self.quantization_config.to_dict(), headers)
         replace_modules(model, self.quantization_config.modules, model.dtype, self.quantization_config.coef_bits)
         tie_shared(model, {name: spec["shares"] for name, spec in self.quantization_config.modules.items()

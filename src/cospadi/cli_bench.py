@@ -1,0 +1,177 @@
+"""The benchmark subcommands of the command line: `bench` (the methods x ratios sweep),
+`bench-solver`, `bench-shapes` and `bench-infer`; each writes its table into BENCHMARKS.md
+next to the command that reproduces it (bench/ holds the measurements)."""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+from . import api
+from .bench import infer as bench_infer
+from .bench import plot as bench_plot
+from .bench import shapes as bench_shapes
+from .bench import solver as bench_solver
+from .bench import sweep as bench
+from .cli_common import (
+    add_device_arg,
+    add_solver_args,
+    add_text_args,
+    command_line,
+    parse_ratios,
+    positive,
+    solver_options,
+    where,
+)
+from .devices import resolve_device
+from .errors import CospadiError
+from .report import results_table
+
+
+def add_bench_parsers(sub: argparse._SubParsersAction) -> None:
+    """The bench, bench-solver, bench-shapes and bench-infer subcommands' options."""
+    b = sub.add_parser("bench", help="sweep methods x ratios, cache each cell, write a table into BENCHMARKS.md")
+    add_text_args(b)
+    add_solver_args(b)
+    b.add_argument("--methods", default=",".join(bench.BENCH_METHODS),
+                   help=f"comma-separated, from {', '.join(bench.BENCH_METHODS)} (cospadi-group: cospadi per group)")
+    b.add_argument("--group-size", type=int, default=2, help="blocks per group of basis-sharing and cospadi-group")
+    b.add_argument("--lastword-examples", type=int, default=bench.DEFAULT_LASTWORD_EXAMPLES,
+                   help="last-word accuracy passages per cell (lm-eval, offline; 0: skip)")
+    b.add_argument("--wordppl-docs", type=int, default=bench.DEFAULT_WORDPPL_DOCS,
+                   help="held-out documents for lm-eval's word perplexity per cell (0: skip)")
+    b.add_argument("--plot", default="auto",
+                   help="PNG to draw (auto: benchmarks/<sweep>.png beside --output; none: no plot)")
+    b.add_argument("--ratios", default="0.2,0.3,0.4,0.5", help="comma-separated ratios")
+    b.add_argument("--calib-samples", type=int, default=api.DEFAULT_CALIB_SAMPLES, help="calibration windows")
+    b.add_argument("--cache", default="runs/bench", help="folder of finished cells (a rerun skips them)")
+    b.add_argument("--output", default="BENCHMARKS.md", help="Markdown file to write the table into")
+    s = sub.add_parser("bench-solver", help="solver settings on one block's real matrices and Grams, side by side")
+    s.add_argument("--model", default="smollm2-135m", help="built-in name, local folder or hub id")
+    s.add_argument("--block", type=int, default=15, help="which block's matrices (default 15, SmolLM2's middle)")
+    s.add_argument("--matrices", default="self_attn.q_proj,self_attn.o_proj,mlp.gate_proj,mlp.down_proj")
+    s.add_argument("--ratios", default="0.3", help="comma-separated ratios")
+    s.add_argument("--configs", default="default,paper", help=f"comma-separated: {', '.join(bench_solver.CONFIGS)}")
+    s.add_argument("--repeats", type=int, default=3, help="timed runs per cell (the median is reported)")
+    s.add_argument("--paper-repeats", type=int, default=1, help="timed runs of the slow paper reference")
+    s.add_argument("--calib-samples", type=int, default=api.DEFAULT_CALIB_SAMPLES)
+    s.add_argument("--seq-len", type=int, default=api.DEFAULT_SEQ_LEN)
+    s.add_argument("--seed", type=int, default=42)
+    s.add_argument("--cache", default="runs/grams", help="folder caching the block's Gram matrices")
+    s.add_argument("--output", default="BENCHMARKS.md", help="Markdown file to write the table into")
+    s.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    s.add_argument("--quiet", action="store_true", help="no progress bars")
+    add_device_arg(s, "the solvers")
+    h = sub.add_parser("bench-shapes", help="the dictionary solver at real models' shapes (overcomplete gate/up): "
+                       "time and error against svd-llm and the complete dictionary")
+    h.add_argument("--model", default="smollm2-135m", help="model whose block 15 gives the real matrices")
+    h.add_argument("--cases", default=",".join(bench_shapes.DEFAULT_CASES),
+                   help=f"comma-separated, from {', '.join(bench_shapes.CASES)}; none: only --estimate")
+    h.add_argument("--ratios", default="0.2,0.3", help="comma-separated ratios")
+    h.add_argument("--configs", default=",".join(bench_shapes.CONFIGS),
+                   help=f"comma-separated, from {', '.join(bench_shapes.CONFIGS)}")
+    h.add_argument("--estimate", action="store_true",
+                   help="also the whole-model solver time estimate at Qwen2.5-0.5B's shapes")
+    h.add_argument("--repeats", type=int, default=1, help="timed runs per cell (the median is reported)")
+    h.add_argument("--seed", type=int, default=42, help="seed of the calibration windows and random matrices")
+    h.add_argument("--cache", default="runs/grams", help="folder caching the block's Gram matrices")
+    h.add_argument("--output", default="BENCHMARKS.md", help="Markdown file to write the tables into")
+    h.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    h.add_argument("--quiet", action="store_true", help="no progress lines")
+    add_device_arg(h, "the solvers")
+    bench_infer.add_arguments(sub.add_parser("bench-infer", help="dense vs svd-llm vs cospadi: bytes on disk, "
+                                             "decode and prefill speed, memory; written into BENCHMARKS.md"))
+
+
+def run_bench(args: argparse.Namespace) -> list[dict]:
+    options = solver_options(args)
+    ratios = tuple(parse_ratios(args.ratios))
+    sweep = bench.Sweep(model=args.model, data=args.data, methods=tuple(args.methods.split(",")), ratios=ratios,
+                        calib_samples=args.calib_samples, seq_len=args.seq_len, eval_windows=args.eval_windows,
+                        options=options, group_size=args.group_size, lastword_examples=args.lastword_examples,
+                        wordppl_docs=args.wordppl_docs)
+    sweep.check()
+    output = Path(args.output)
+    plot = None if args.plot == "none" else (
+        output.parent / "benchmarks" / f"{sweep.key}.png" if args.plot == "auto" else Path(args.plot))
+    if plot is not None:
+        bench_plot.check_matplotlib()
+    cells = bench.run_sweep(sweep, Path(args.cache), progress=not args.quiet)
+    rows = bench.table_rows(cells)
+    command = command_line("bench")
+    body = bench.describe(sweep, command, cells) + "\n" + results_table(rows)
+    if plot is not None:
+        bench_plot.plot_sweep(cells, plot, f"{Path(sweep.model).name}: {sweep.calib_samples} x {sweep.seq_len} "
+                              "calibration tokens")
+        body += f"\n\n![perplexity against ratio]({os.path.relpath(plot.resolve(), output.resolve().parent)})"
+    bench.write_section(output, sweep.key, body)
+    return rows
+
+
+def run_bench_solver(args: argparse.Namespace) -> list[dict]:
+    unknown = [c for c in args.configs.split(",") if c not in bench_solver.CONFIGS]
+    if unknown:
+        raise CospadiError(f"unknown solver config {unknown[0]!r}; choose from {', '.join(bench_solver.CONFIGS)}")
+    positive("--repeats", args.repeats)
+    positive("--paper-repeats", args.paper_repeats)
+    ratios = parse_ratios(args.ratios)
+    device = resolve_device(args.device)
+    matrices = bench_solver.block_matrices(args.model, args.block, args.calib_samples, args.seq_len, args.seed,
+                                           Path(args.cache))
+    rows = bench_solver.compare(matrices, args.matrices.split(","), ratios,
+                                {c: bench_solver.CONFIGS[c] for c in args.configs.split(",")}, args.repeats,
+                                args.paper_repeats, device)
+    header = (f"Block {args.block} of `{args.model}`, Grams from {args.calib_samples} x {args.seq_len} calibration "
+              f"tokens; error = ||X(W - W')|| / ||X W||; seconds = median of {args.repeats} "
+              f"runs (paper reference: {args.paper_repeats}); "
+              f"{where(device)}.\n\nReproduce: `{command_line('bench-solver')}`\n")
+    name = f"solver-{Path(args.model).name}-block{args.block}-{args.ratios}-{args.configs}"
+    bench.write_section(Path(args.output), name, header + "\n" + results_table(rows))
+    return rows
+
+
+def run_bench_shapes(args: argparse.Namespace) -> list[dict]:
+    """`cospadi bench-shapes`: see bench/shapes.py. The comparison (unless --cases none)
+    and the --estimate each go into their own BENCHMARKS.md section."""
+    configs = args.configs.split(",")
+    unknown = [c for c in configs if c not in bench_shapes.CONFIGS]
+    if unknown:
+        raise CospadiError(f"unknown config {unknown[0]!r}; choose from {', '.join(bench_shapes.CONFIGS)}")
+    positive("--repeats", args.repeats)
+    ratios = parse_ratios(args.ratios)
+    device = resolve_device(args.device)
+    command = command_line("bench-shapes")
+    rows: list[dict] = []
+    if args.cases != "none":
+        cases = bench_shapes.load_cases(args.cases.split(","), args.model, Path(args.cache), args.seed)
+        say = (lambda text: None) if args.quiet else (lambda text: print(text, file=sys.stderr, flush=True))
+        rows = bench_shapes.compare_shapes(cases, ratios, configs, args.repeats, device, progress=say)
+        header = (f"Solver time per matrix (median of {args.repeats}) and relative output error ||X(W - W')|| / "
+                  f"||X W||; complete = the default solver with k = d1 atoms and the same s; before = the k > d1 "
+                  f"path this replaced (SVD start, one Batch-OMP alternation); {where(device)}.\n\n"
+                  f"Reproduce: `{command}`\n")
+        bench.write_section(Path(args.output), f"shapes-{args.cases}-{args.ratios}", header + "\n" + results_table(rows))
+    if args.estimate:
+        estimate = bench_shapes.estimate_model(0.3, args.repeats, device, seed=args.seed)
+        estimate.append(bench_shapes.pipeline_estimate(0.3, seed=args.seed))
+        header = ("Whole-model time at ratio 0.3 for a model with Qwen2.5-0.5B's shapes: solver seconds per matrix "
+                  f"(random weights, synthetic Grams, {where(device)}) times 24 blocks; then the whole compression "
+                  "(calibration, solving on the pipeline's worker threads, propagation) measured on a random 2-block "
+                  f"model of those shapes with 32 x 512 random tokens, times 12.\n\nReproduce: `{command}`\n")
+        bench.write_section(Path(args.output), "shapes-estimate-qwen2.5-0.5b", header + "\n" + results_table(estimate))
+        if not rows:
+            return estimate
+        print(results_table(estimate))  # main prints the comparison
+    return rows
+
+
+def run_bench_infer(args: argparse.Namespace) -> list[dict]:
+    """`cospadi bench-infer`: see bench/infer.py."""
+    command = command_line("bench-infer")
+    return bench_infer.run(bench_infer.from_args(args), Path(args.work), Path(args.output), command,
+                           progress=not args.quiet)
+
+
+BENCH_COMMANDS = {"bench": run_bench, "bench-solver": run_bench_solver, "bench-shapes": run_bench_shapes,
+                  "bench-infer": run_bench_infer}

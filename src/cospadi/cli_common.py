@@ -1,0 +1,93 @@
+"""What the command line's subcommands share: the parser class whose --help shows every
+default, the argument groups (model and text, solver options generated from
+SolverOptions, device), and small parsing and labelling helpers."""
+from __future__ import annotations
+
+import argparse
+import sys
+from dataclasses import fields
+
+import torch
+
+from . import api
+from .budget import check_ratio
+from .errors import CospadiError
+from .solvers import SolverOptions
+
+
+def add_text_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default="smollm2-135m",
+                   help="built-in name (smollm2-135m, gemma3-270m), local folder, or hub id")
+    p.add_argument("--data", default="wiki", help="'wiki' (built-in) or a .txt / .jsonl file")
+    p.add_argument("--seq-len", type=int, default=api.DEFAULT_SEQ_LEN, help="tokens per window")
+    p.add_argument("--eval-windows", type=int, default=api.DEFAULT_EVAL_WINDOWS,
+                   help="held-out windows for perplexity (0: skip evaluation)")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+
+
+def add_solver_args(p: argparse.ArgumentParser) -> None:
+    """One flag per SolverOptions field (--power-iters for power_iters), its default and
+    help taken from the field: solvers/options.py is the only place they are written."""
+    for option in fields(SolverOptions):
+        p.add_argument("--" + option.name.replace("_", "-"), type=type(option.default), default=option.default,
+                       help=option.metadata["help"])
+    p.add_argument("--workers", type=int, default=None, help="matrices solved at once (default: torch threads)")
+
+
+def add_device_arg(p: argparse.ArgumentParser, what: str) -> None:
+    p.add_argument("--device", default="auto",
+                   help=f"where {what} runs: auto (CUDA when present, else CPU), cpu, cuda or cuda:N")
+
+
+def solver_options(args: argparse.Namespace) -> SolverOptions:
+    return SolverOptions(**{option.name: getattr(args, option.name) for option in fields(SolverOptions)})
+
+
+class DefaultsFormatter(argparse.HelpFormatter):
+    """Help that ends each option with its default, unless the default is unset (None,
+    a flag's False) or the help already says what happens by default."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if action.default is None or action.default is False or action.default == argparse.SUPPRESS \
+                or "default" in text:
+            return text
+        return text + " (default: %(default)s)"
+
+
+class Parser(argparse.ArgumentParser):
+    """An ArgumentParser (and, through add_subparsers, subcommand parsers) whose --help
+    shows every option's default."""
+
+    def __init__(self, *args: object, **kwargs: object) -> None:
+        kwargs.setdefault("formatter_class", DefaultsFormatter)
+        super().__init__(*args, **kwargs)  # type: ignore[arg-type]
+
+
+def positive(name: str, value: int) -> None:
+    if value < 1:
+        raise CospadiError(f"{name} {value} must be at least 1")
+
+
+def parse_ratios(text: str) -> list[float]:
+    try:
+        values = [float(r) for r in text.split(",")]
+    except ValueError:
+        raise CospadiError(f"--ratios {text!r} must be comma-separated numbers, e.g. 0.2,0.3") from None
+    for value in values:
+        check_ratio(value)
+    return values
+
+
+def command_line(subcommand: str) -> str:
+    """The command line that reproduces this run, for a benchmark's header: this process's
+    arguments when it is `cospadi <subcommand> ...`, else the bare subcommand (API calls)."""
+    return "cospadi " + " ".join(sys.argv[1:]) if sys.argv[1:2] == [subcommand] else f"cospadi {subcommand}"
+
+
+def where(device: torch.device) -> str:
+    """What the solvers ran on, for a benchmark's header."""
+    if device.type == "cuda":
+        return f"on {torch.cuda.get_device_name(device)}"
+    return f"on {device.type.upper()}, {torch.get_num_threads()} threads"

@@ -1,0 +1,319 @@
+"""Reliability of what cospadi writes and reads:
+* output folders never destroy user files: a non-empty folder cospadi did not write, the
+  input model's folder or a parent of it, the current folder, a file, an empty path are
+  refused with one line (at the start of `cospadi compress`, before the model is loaded,
+  and again at save time); an earlier output is replaced only with --overwrite; stale
+  temporaries of killed writers are removed, live ones kept;
+* saved folders record the sha256 of every weight file: a flipped bit is refused by
+  `cospadi.load` and by plain from_pretrained, naming the file; older folders still load;
+* Ctrl-C prints one line and exits 130 leaving nothing half-written;
+* compressing an already compressed folder is one error line."""
+
+import contextlib
+import hashlib
+import io
+import json
+import os
+import shutil
+import struct
+import subprocess
+import sys
+
+import pytest
+from transformers import AutoModelForCausalLM, PreTrainedModel
+
+import cospadi
+from cospadi import api, cli, files
+from cospadi.errors import CospadiError
+from cospadi.files import OUTPUT_MARKERS, atomic_folder, check_output_folder
+from cospadi.pipeline import Recipe, compress_blocks
+from cospadi.solvers import SolverOptions
+from cospadi.storage import folder_checks
+from cospadi.storage.export import EXPORT_DESCRIPTION, export_dense
+
+SEQ_LEN = 32
+
+
+def compress_argv(cli_files, out=None, *extra) -> list[str]:
+    argv = ["compress", "--model", str(cli_files["model"]), "--data", str(cli_files["txt"]), "--method", "svd-llm",
+            "--calib-samples", "4", "--seq-len", str(SEQ_LEN), "--eval-windows", "0", "--quiet", *extra]
+    return argv + (["--out", str(out)] if out is not None else [])
+
+
+def run_cli(argv) -> tuple[int, str]:
+    """(exit code, stderr) of cli.main(argv)."""
+    stderr = io.StringIO()
+    with contextlib.redirect_stderr(stderr), contextlib.redirect_stdout(io.StringIO()):
+        code = cli.main(argv)
+    return code, stderr.getvalue()
+
+
+def one_error_line(code: int, stderr: str) -> str:
+    assert code == 2, stderr
+    assert "Traceback" not in stderr
+    lines = stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), stderr
+    return lines[0]
+
+
+@pytest.fixture
+def no_model_load(monkeypatch):
+    """Fail the test if the compress command gets as far as loading the model."""
+    def refuse(*args, **kwargs):
+        raise AssertionError("the model was loaded before the bad output was refused")
+    monkeypatch.setattr(cli, "load_model", refuse)
+
+
+@pytest.fixture(scope="module")
+def first_run(cli_files, tmp_path_factory):
+    """A successful `cospadi compress --out` of the tiny Llama (svd-llm)."""
+    out = tmp_path_factory.mktemp("first") / "out"
+    code, stderr = run_cli(compress_argv(cli_files, out))
+    assert code == 0, stderr
+    return out
+
+
+def dead_pid() -> int:
+    """The id of a process that has exited."""
+    proc = subprocess.Popen([sys.executable, "-c", "pass"])
+    proc.wait()
+    return proc.pid
+
+
+# ---------------------------------------------------------------------------- output folders
+
+
+def test_compress_refuses_a_folder_of_user_files_before_loading(cli_files, tmp_path, no_model_load):
+    out = tmp_path / "x"
+    out.mkdir()
+    (out / "notes.txt").write_text("hi")
+    line = one_error_line(*run_cli(compress_argv(cli_files, out)))
+    assert "cospadi did not write" in line and "notes.txt" in line and "choose another path" in line
+    line = one_error_line(*run_cli(compress_argv(cli_files, out, "--overwrite")))  # --overwrite is no excuse
+    assert "cospadi did not write" in line
+    assert (out / "notes.txt").read_text() == "hi" and sorted(p.name for p in tmp_path.iterdir()) == ["x"]
+
+
+@pytest.mark.parametrize("case", ["model", "model-parent", "dot", "empty", "file", "json-inside", "resume-inside"])
+def test_compress_refuses_bad_out_paths_before_loading(case, cli_files, tmp_path, monkeypatch, no_model_load):
+    work = tmp_path / "work"
+    work.mkdir()
+    monkeypatch.chdir(work)  # an empty current folder: `--out .` is refused for being it, not for its files
+    (tmp_path / "file").write_text("keep")
+    out, extra, word = {
+        "model": (cli_files["model"], [], "is the --model folder"),
+        "model-parent": (cli_files["model"].parent, [], "contains the --model folder"),
+        "dot": (".", [], "is the current folder"),
+        "empty": ("", [], "empty"),
+        "file": (tmp_path / "file", [], "not a folder"),
+        "json-inside": (tmp_path / "o", ["--json", str(tmp_path / "o" / "r.json")], "contains the --json file"),
+        "resume-inside": (tmp_path / "o", ["--resume-dir", str(tmp_path / "o" / "p")], "contains the --resume-dir"),
+    }[case]
+    line = one_error_line(*run_cli(compress_argv(cli_files, None, *extra) + ["--out", str(out)]))
+    assert word in line, line
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["file", "work"] and not list(work.iterdir())
+    assert (tmp_path / "file").read_text() == "keep"
+
+
+@pytest.mark.parametrize("case", ["folder", "under-a-file", "empty"])
+def test_compress_refuses_a_bad_json_path_before_loading(case, cli_files, tmp_path, no_model_load):
+    (tmp_path / "file").write_text("keep")
+    path, word = {"folder": (tmp_path, "is a folder"), "under-a-file": (tmp_path / "file" / "r.json", "is a file"),
+                  "empty": ("", "empty")}[case]
+    line = one_error_line(*run_cli(compress_argv(cli_files, tmp_path / "out", "--json", str(path))))
+    assert "--json" in line and word in line, line
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["file"]
+
+
+def test_an_unwritable_parent_is_refused(tmp_path, monkeypatch):
+    monkeypatch.setattr(files.os, "access", lambda path, mode: False)
+    with pytest.raises(CospadiError, match=f"cannot write in {tmp_path}"):
+        check_output_folder(tmp_path / "new" / "out")
+
+
+def test_an_earlier_output_is_replaced_only_with_overwrite(first_run, cli_files, tmp_path, monkeypatch):
+    out = shutil.copytree(first_run, tmp_path / "out")
+    (out / "extra.txt").write_text("from the earlier run")
+    stale = tmp_path / f".out.tmp-{dead_pid()}-abc123"  # left by a killed save
+    stale.mkdir()
+    (stale / "model.safetensors").write_bytes(b"half")
+    live = tmp_path / f".out.tmp-{os.getpid()}-live"  # a writer that is still running
+    live.mkdir()
+    with monkeypatch.context() as patch:
+        patch.setattr(cli, "load_model", lambda *a, **k: pytest.fail("loaded before refusing"))
+        line = one_error_line(*run_cli(compress_argv(cli_files, out)))
+    assert "earlier cospadi output" in line and "--overwrite" in line
+    assert (out / "extra.txt").is_file() and not stale.exists() and live.is_dir()
+    code, stderr = run_cli(compress_argv(cli_files, out, "--overwrite"))
+    assert code == 0, stderr
+    assert not (out / "extra.txt").exists()
+    live.rmdir()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+    cospadi.load(out)
+
+
+def test_killed_swap_is_undone_by_the_next_writer(tmp_path):
+    """A kill between moving the earlier output aside and moving the new one in leaves
+    `.out.old-<pid>` and no `out`: the next writer puts the earlier output back first."""
+    old = tmp_path / f".out.old-{dead_pid()}"
+    old.mkdir()
+    (old / "cospadi.json").write_text("{}")
+    with pytest.raises(CospadiError, match="earlier cospadi output"):
+        check_output_folder(tmp_path / "out")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"] and (tmp_path / "out" / "cospadi.json").is_file()
+
+
+def test_an_empty_folder_is_filled(tmp_path):
+    (tmp_path / "out").mkdir()
+    with atomic_folder(tmp_path / "out") as tmp:
+        (tmp / "a").write_text("a")
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["a"]
+
+
+def test_export_output_rules(first_run, tmp_path):
+    source = shutil.copytree(first_run, tmp_path / "cospadi")
+    with pytest.raises(CospadiError, match="contains the source folder"):
+        export_dense(source, tmp_path)
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "notes.txt").write_text("hi")
+    with pytest.raises(CospadiError, match="cospadi did not write"):
+        export_dense(source, tmp_path / "mine")
+    out = export_dense(source, tmp_path / "dense")
+    assert EXPORT_DESCRIPTION in OUTPUT_MARKERS
+    assert json.loads((out / EXPORT_DESCRIPTION).read_text())["exported_from"] == str(source.resolve())
+    code, stderr = run_cli(["export", "--dense", str(source), str(out), "--quiet"])
+    assert "--overwrite" in one_error_line(code, stderr)
+    assert run_cli(["export", "--dense", str(source), str(out), "--quiet", "--overwrite"])[0] == 0
+    assert (tmp_path / "mine" / "notes.txt").read_text() == "hi"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["cospadi", "dense", "mine"]
+
+
+def test_save_refuses_the_folder_the_model_was_loaded_from(first_run, tmp_path):
+    folder = shutil.copytree(first_run, tmp_path / "m")
+    model, tokenizer = cospadi.load(folder)
+    with pytest.raises(CospadiError, match="is the folder the model was loaded from"):
+        cospadi.save(model, tokenizer, folder, overwrite=True)
+    cospadi.load(folder)
+
+
+def test_compressing_a_compressed_folder_is_one_error_line(first_run, cli_files, tmp_path):
+    argv = compress_argv(cli_files, tmp_path / "again")
+    argv[argv.index("--model") + 1] = str(first_run)
+    line = one_error_line(*run_cli(argv))
+    assert "already compressed" in line and "cospadi export --dense" in line
+    assert list(tmp_path.iterdir()) == []
+
+
+# ---------------------------------------------------------------------------- Ctrl-C
+
+
+def interrupt(*args, **kwargs):
+    raise KeyboardInterrupt
+
+
+@pytest.mark.parametrize("resume", [False, True])
+def test_ctrl_c_prints_one_line_and_exits_130(resume, cli_files, tmp_path, monkeypatch):
+    monkeypatch.setattr(api, "compress", interrupt)
+    extra = ["--json", str(tmp_path / "r.json")] + (["--resume-dir", str(tmp_path / "progress")] if resume else [])
+    code, stderr = run_cli(compress_argv(cli_files, tmp_path / "out", *extra))
+    assert code == 130
+    expected = "interrupted; rerun the same command to resume" if resume else "interrupted"
+    assert stderr.strip().splitlines() == [expected]
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_ctrl_c_during_the_save_leaves_nothing_half_written(cli_files, tmp_path, monkeypatch):
+    real = PreTrainedModel.save_pretrained
+
+    def save_then_interrupt(self, folder, *args, **kwargs):
+        real(self, folder, *args, **kwargs)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(PreTrainedModel, "save_pretrained", save_then_interrupt)
+    code, stderr = run_cli(compress_argv(cli_files, tmp_path / "out", "--json", str(tmp_path / "r.json")))
+    assert code == 130 and stderr.strip() == "interrupted"
+    assert list(tmp_path.iterdir()) == []
+
+
+# ---------------------------------------------------------------------------- integrity
+
+
+@pytest.fixture(scope="module")
+def saved(tmp_path_factory, tiny_model, calibration_ids):
+    """{"single": one weight file, "sharded": several shards} of a compressed tiny Llama."""
+    model = tiny_model("llama")
+    compress_blocks(model, calibration_ids, Recipe("cospadi", 0.3, SolverOptions(iters=1)), batch_size=4,
+                    progress=False)
+    root = tmp_path_factory.mktemp("integrity")
+    cospadi.save(model, None, root / "single")
+    cospadi.save(model, None, root / "sharded", max_shard_size="60KB")
+    return {"single": root / "single", "sharded": root / "sharded"}
+
+
+def flip_a_bit_inside_a_tensor(path) -> None:
+    """Flip one bit in the middle of the largest floating tensor of a safetensors file."""
+    data = bytearray(path.read_bytes())
+    (length,) = struct.unpack("<Q", data[:8])
+    header = json.loads(data[8:8 + length])
+    begin, end = max((entry["data_offsets"] for key, entry in header.items()
+                      if key != "__metadata__" and entry["dtype"] in ("F32", "F16", "BF16")),
+                     key=lambda offsets: offsets[1] - offsets[0])
+    data[8 + length + (begin + end) // 2] ^= 0x04
+    path.write_bytes(bytes(data))
+
+
+def test_saved_folders_record_the_sha256_of_every_weight_file(saved):
+    for folder in saved.values():
+        sums = json.loads((folder / "cospadi.json").read_text())["checksums"]
+        shards = sorted(p.name for p in folder.glob("*.safetensors"))
+        assert sorted(sums) == shards and (len(shards) >= 2) == (folder.name == "sharded")
+        for name, digest in sums.items():
+            assert hashlib.sha256((folder / name).read_bytes()).hexdigest() == digest
+
+
+@pytest.mark.parametrize("name", ["single", "sharded"])
+def test_a_flipped_bit_is_refused_by_both_routes(name, saved, tmp_path):
+    folder = shutil.copytree(saved[name], tmp_path / name)
+    shard = sorted(folder.glob("*.safetensors"))[-1]
+    flip_a_bit_inside_a_tensor(shard)
+    folder_checks.check_safetensors(shard)  # the header is intact: only the checksum sees it
+    pattern = rf"{shard.name} is damaged .*sha256.*copy it again or compress again"
+    with pytest.raises(CospadiError, match=pattern):
+        cospadi.load(folder)
+    with pytest.raises(CospadiError, match=pattern):
+        AutoModelForCausalLM.from_pretrained(folder)
+
+
+def test_load_hashes_each_file_once(saved, monkeypatch):
+    calls = []
+    real = folder_checks.file_sha256
+    monkeypatch.setattr(folder_checks, "file_sha256", lambda path: calls.append(path.name) or real(path))
+    cospadi.load(saved["sharded"])
+    assert sorted(calls) == sorted(p.name for p in saved["sharded"].glob("*.safetensors"))
+    calls.clear()
+    AutoModelForCausalLM.from_pretrained(saved["sharded"])  # the quantizer checks on its own
+    assert len(calls) == len(list(saved["sharded"].glob("*.safetensors")))
+
+
+def test_folders_without_checksums_still_load(saved, tmp_path):
+    folder = shutil.copytree(saved["single"], tmp_path / "old")
+    description = json.loads((folder / "cospadi.json").read_text())
+    del description["checksums"]  # as the previous version wrote it
+    (folder / "cospadi.json").write_text(json.dumps(description))
+    flip_a_bit_inside_a_tensor(folder / "model.safetensors")  # no check possible: it loads
+    cospadi.load(folder)
+    AutoModelForCausalLM.from_pretrained(folder)
+    (folder / "cospadi.json").unlink()
+    AutoModelForCausalLM.from_pretrained(folder)
+
+
+def test_an_unlisted_file_or_garbled_description_is_refused(saved, tmp_path):
+    folder = shutil.copytree(saved["single"], tmp_path / "mixed")
+    description = json.loads((folder / "cospadi.json").read_text())
+    description["checksums"] = {"other.safetensors": "0" * 64}
+    (folder / "cospadi.json").write_text(json.dumps(description))
+    with pytest.raises(CospadiError, match="model.safetensors is not listed in the checksums"):
+        cospadi.load(folder)
+    (folder / "cospadi.json").write_text("{not json")
+    with pytest.raises(CospadiError, match="cospadi.json is not a valid cospadi description"):
+        cospadi.load(folder)
