@@ -317,3 +317,29 @@ def test_an_unlisted_file_or_garbled_description_is_refused(saved, tmp_path):
     (folder / "cospadi.json").write_text("{not json")
     with pytest.raises(CospadiError, match="cospadi.json is not a valid cospadi description"):
         cospadi.load(folder)
+
+
+def test_threads_below_one_is_one_line(capsys):
+    from cospadi import cli
+
+    assert cli.main(["compress", "--threads", "-3"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--threads -3 must be at least 1" in err[0]
+
+
+@pytest.mark.parametrize("command", ["compress", "eval"])
+def test_seq_len_beyond_the_models_positions_is_refused_before_any_work(command, cli_files, capsys, monkeypatch,
+                                                                         tmp_path):
+    from cospadi import api, cli
+
+    never = lambda *a, **k: pytest.fail("evaluated before the check")  # noqa: E731
+    monkeypatch.setattr(cli, "perplexity", never)
+    monkeypatch.setattr(api, "perplexity_on_texts", never)
+    argv = [command, "--model", str(cli_files["model"]), "--data", str(cli_files["txt"]), "--seq-len", "129",
+            "--quiet"]
+    if command == "compress":
+        argv += ["--calib-samples", "2", "--out", str(tmp_path / "out")]
+    assert cli.main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--seq-len 129 exceeds the model's 128 positions" in err[0]
+    assert not (tmp_path / "out").exists()

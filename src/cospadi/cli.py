@@ -14,7 +14,7 @@ import transformers
 from . import api
 from .budget import check_ratio
 from .cli_bench import BENCH_COMMANDS, add_bench_parsers
-from .cli_common import Parser, add_device_arg, add_solver_args, add_text_args, positive, solver_options
+from .cli_common import Parser, add_device_arg, add_solver_args, add_text_args, check_seq_len, positive, solver_options
 from .data import load_corpus
 from .devices import resolve_device, visiting
 from .errors import CospadiError
@@ -96,6 +96,7 @@ def run_compress(args: argparse.Namespace) -> list[dict]:
     group_size = resolve_group_size(method, args.group_size)
     calib_texts, eval_texts = load_corpus(args.data)
     model, tokenizer = load_model(args.model)
+    check_seq_len(model, args.seq_len)
     if any(True for _ in compressed_modules(model)):
         raise CospadiError(f"model {args.model} is already compressed (a cospadi output folder); compress its dense "
                            f"original, or make a dense model of it with `cospadi export --dense {args.model} OUT` "
@@ -168,6 +169,7 @@ def run_eval(args: argparse.Namespace) -> list[dict]:
     device = resolve_device(args.device)
     _, eval_texts = load_corpus(args.data)
     model, tokenizer = load_model(args.model)
+    check_seq_len(model, args.seq_len)
     model.to(device)
     start = time.perf_counter()
     ppl = api.perplexity_on_texts(model, tokenizer, eval_texts, args.seq_len, args.eval_windows,
@@ -194,6 +196,9 @@ def run_export(args: argparse.Namespace) -> list[dict]:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.threads is not None and args.threads < 1:
+        print(f"error: --threads {args.threads} must be at least 1 (or left out: torch's choice)", file=sys.stderr)
+        return 2
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.quiet:

@@ -91,3 +91,11 @@ def where(device: torch.device) -> str:
     if device.type == "cuda":
         return f"on {torch.cuda.get_device_name(device)}"
     return f"on {device.type.upper()}, {torch.get_num_threads()} threads"
+
+
+def check_seq_len(model: object, seq_len: int) -> None:
+    """CospadiError when windows of `seq_len` tokens exceed the positions the model was
+    built for (config.max_position_embeddings, when it has one)."""
+    limit = getattr(getattr(model, "config", None), "max_position_embeddings", None)
+    if isinstance(limit, int) and seq_len > limit:
+        raise CospadiError(f"--seq-len {seq_len} exceeds the model's {limit} positions: use --seq-len {limit} or less")
