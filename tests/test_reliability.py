@@ -343,3 +343,25 @@ def test_seq_len_beyond_the_models_positions_is_refused_before_any_work(command,
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "--seq-len 129 exceeds the model's 128 positions" in err[0]
     assert not (tmp_path / "out").exists()
+
+
+def test_a_resume_dir_that_is_a_file_is_refused_before_any_work(cli_files, capsys, monkeypatch, tmp_path,
+                                                                 tiny_llama, tiny_ids):
+    from cospadi import cli
+    from cospadi.pipeline import Recipe, compress_blocks
+
+    blocker = tmp_path / "progress"
+    blocker.write_text("not a folder")
+    monkeypatch.setattr(cli, "load_model", lambda *a, **k: pytest.fail("loaded before the check"))
+    argv = ["compress", "--model", str(cli_files["model"]), "--data", str(cli_files["txt"]), "--quiet",
+            "--resume-dir", str(blocker)]
+    assert cli.main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "is a file" in err[0]
+    monkeypatch.undo()
+    import cospadi.pipeline.run as run
+
+    monkeypatch.setattr(run, "capture_block_inputs", lambda *a, **k: pytest.fail("captured before the check"))
+    with pytest.raises(CospadiError, match="is a file"):
+        compress_blocks(tiny_llama(2), tiny_ids, Recipe("svd-llm", 0.3), progress=False, resume_dir=blocker)
+    assert blocker.read_text() == "not a folder"

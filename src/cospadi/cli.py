@@ -26,6 +26,7 @@ from .methods import get_method, method_names
 from .models import load_model
 from .pipeline import Recipe, check_recipe
 from .report import CompressionReport, peak_rss_mb, results_table
+from .resume import check_resume_dir
 from .storage import export
 from .storage.checkpoint import DTYPES, parse_dtype, save
 
@@ -126,6 +127,8 @@ def _check_outputs(args: argparse.Namespace) -> None:
     see files.check_output_folder."""
     if args.json is not None:
         check_output_file(args.json, "--json file")
+    if args.resume_dir is not None:
+        check_resume_dir(args.resume_dir, create=False)
     if args.out is not None:
         model = Path(args.model).expanduser()
         inputs = {"the --model folder": model if model.is_dir() else None, "the --resume-dir": args.resume_dir,

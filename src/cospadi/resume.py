@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -53,6 +54,25 @@ class Progress:
     matrices: list[MatrixReport]
     seconds: float
     files: dict[str, str] = field(default_factory=dict)  # committed group file name -> sha256
+
+
+def check_resume_dir(folder: str | os.PathLike, create: bool = True) -> Path:
+    """`folder` as a Path once it is (or, with create=False, can become) a writable folder;
+    created when missing unless create=False. CospadiError when it is a file or cannot be
+    written."""
+    path = Path(folder).expanduser()
+    if path.exists() and not path.is_dir():
+        raise CospadiError(f"--resume-dir {path} is a file: give a folder (new, or one a run of this command wrote)")
+    if create:
+        try:
+            path.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise CospadiError(f"cannot create the --resume-dir {path} ({exc.strerror}): choose a writable "
+                               "folder") from None
+    existing = next(p for p in [path, *path.absolute().parents] if p.exists())
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise CospadiError(f"the --resume-dir {path} is not writable: choose a writable folder")
+    return path
 
 
 def run_fingerprint(model: PreTrainedModel, input_ids: torch.Tensor, settings: dict) -> str:

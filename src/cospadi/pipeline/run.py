@@ -26,7 +26,7 @@ from ..errors import CospadiError
 from ..groups import block_groups, check_group_size
 from ..methods import Method, get_method
 from ..report import CompressionReport, peak_rss_mb
-from ..resume import Progress, load_progress, restore_groups, run_fingerprint, save_group, save_progress
+from ..resume import Progress, check_resume_dir, load_progress, restore_groups, run_fingerprint, save_group, save_progress
 from ..solvers import SolverOptions
 from .calibrate import calibrate_block
 from .capture import BlockKwargs, capture_block_inputs, run_block
@@ -86,7 +86,7 @@ def compress_blocks(model: PreTrainedModel, input_ids: torch.Tensor, recipe: Rec
     (resume.py; report.seconds then sums every attempt)."""
     start = time.perf_counter()
     run = _prepare(model, input_ids, recipe, workers, device)
-    folder = Path(resume_dir) if resume_dir is not None else None
+    folder = check_resume_dir(resume_dir) if resume_dir is not None else None
     fingerprint = run_fingerprint(model, input_ids, dict(
         recipe.settings(), batch_size=batch_size, device=run.target.type)) if folder is not None else ""
     saved = load_progress(folder, fingerprint, run.target) if folder is not None else None  # before the capture pass
