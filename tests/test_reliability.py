@@ -365,3 +365,30 @@ def test_a_resume_dir_that_is_a_file_is_refused_before_any_work(cli_files, capsy
     with pytest.raises(CospadiError, match="is a file"):
         compress_blocks(tiny_llama(2), tiny_ids, Recipe("svd-llm", 0.3), progress=False, resume_dir=blocker)
     assert blocker.read_text() == "not a folder"
+
+
+@pytest.mark.parametrize("bad,match", [
+    (lambda ids: ids[0], "2-D integer tensor"),
+    (lambda ids: ids.float(), "2-D integer tensor"),
+    (lambda ids: ids[:0], "non-empty"),
+    (lambda ids: ids + 10_000, "outside the model's vocabulary"),
+    (lambda ids: ids.tolist(), "got list"),
+])
+def test_the_api_refuses_bad_calibration_ids_in_one_line(bad, match, tiny_llama, tiny_ids):
+    from cospadi.layers.base import compressed_modules
+    from cospadi.pipeline import Recipe, compress_blocks
+
+    model = tiny_llama(2)
+    with pytest.raises(CospadiError, match=match):
+        compress_blocks(model, bad(tiny_ids), Recipe("svd-llm", 0.3), progress=False)
+    with pytest.raises(CospadiError, match="batch_size 0"):
+        compress_blocks(model, tiny_ids, Recipe("svd-llm", 0.3), batch_size=0, progress=False)
+    assert not list(compressed_modules(model))
+
+
+def test_texts_given_as_one_string_are_refused(smollm2):
+    from cospadi import api
+
+    model, tokenizer = smollm2
+    with pytest.raises(CospadiError, match="not a single string"):
+        api.calibration_ids(model, tokenizer, "one long document given as a string", samples=1, seq_len=8)

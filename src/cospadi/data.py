@@ -100,6 +100,8 @@ def tokenize_corpus(tokenizer: PreTrainedTokenizerBase, texts: list[str]) -> tor
     Documents are encoded in one batch, each after its "\\n\\n" separator: no over-length
     warnings, and the same ids as encoding the joined string for tokenizers that split
     before the separator (SmolLM2 and Gemma3 on the wiki corpus)."""
+    if isinstance(texts, str) or not all(isinstance(text, str) for text in texts):
+        raise CospadiError("texts must be a list of documents (strings), not a single string: wrap it as [text]")
     if not texts:
         raise CospadiError("no text to tokenize; give a corpus with a non-empty document")
     pieces = [texts[0]] + ["\n\n" + text for text in texts[1:]]

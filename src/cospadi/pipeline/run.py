@@ -85,6 +85,7 @@ def compress_blocks(model: PreTrainedModel, input_ids: torch.Tensor, recipe: Rec
     saved there after every group, and a rerun of the same run restores it and goes on
     (resume.py; report.seconds then sums every attempt)."""
     start = time.perf_counter()
+    check_input_ids(model, input_ids, batch_size)
     run = _prepare(model, input_ids, recipe, workers, device)
     folder = check_resume_dir(resume_dir) if resume_dir is not None else None
     fingerprint = run_fingerprint(model, input_ids, dict(
@@ -181,6 +182,23 @@ def _compress_group(run: _Run, blocks: list[int], bar: tqdm) -> None:
         del grams, jobs, solved, inputs
         for i in blocks:
             run.states = run_block(layers[i], run.states, run.block_kwargs[i])
+
+
+def check_input_ids(model: PreTrainedModel, input_ids: object, batch_size: int) -> None:
+    """CospadiError unless `input_ids` is a 2-D integer tensor (windows, tokens) of ids the
+    model's vocabulary has and `batch_size` a positive integer."""
+    if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2 or input_ids.is_floating_point() \
+            or input_ids.dtype == torch.bool or input_ids.numel() == 0:
+        what = f"{tuple(input_ids.shape)} {input_ids.dtype}" if isinstance(input_ids, torch.Tensor) else \
+            type(input_ids).__name__
+        raise CospadiError(f"input_ids must be a non-empty 2-D integer tensor (windows, tokens), got {what}")
+    vocab = getattr(model.config, "vocab_size", None)
+    low, high = int(input_ids.min()), int(input_ids.max())
+    if low < 0 or (isinstance(vocab, int) and high >= vocab):
+        raise CospadiError(f"input_ids hold ids from {low} to {high}, outside the model's vocabulary 0..{vocab}: "
+                           "tokenize with the model's own tokenizer")
+    if not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size < 1:
+        raise CospadiError(f"batch_size {batch_size!r} must be an integer >= 1")
 
 
 def unique_param_count(model: nn.Module) -> int:
