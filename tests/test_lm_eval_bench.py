@@ -119,7 +119,8 @@ def test_eval_tasks_prints_lm_eval_columns(cli_files, capsys, printed_rows):
 
 
 @pytest.mark.parametrize("tasks,word", [("", "no task"), ("no_such_task_xyz", "no task 'no_such_task_xyz'")])
-def test_eval_with_bad_tasks_exits_2(tasks, word, cli_files, capsys):
+def test_eval_with_bad_tasks_exits_2(tasks, word, cli_files, capsys, monkeypatch):
+    monkeypatch.setattr(cli, "load_model", lambda *a, **k: pytest.fail("the model loaded before the task check"))
     argv = ["eval", "--model", str(cli_files["model"]), "--data", str(cli_files["txt"]), "--seq-len", str(SEQ_LEN),
             "--eval-windows", "1", "--tasks", tasks, "--quiet"]
     assert cli.main(argv) == 2

@@ -161,14 +161,14 @@ def run_eval(args: argparse.Namespace) -> list[dict]:
     positive("--eval-windows", args.eval_windows)
     tasks = None
     if args.tasks is not None:
-        from .evaluation.lm_eval_runner import parse_tasks, require_lm_eval
+        from .evaluation.lm_eval_runner import check_task_names, parse_tasks
 
         tasks = parse_tasks(args.tasks)
         for name in ("lastword_examples", "wordppl_docs", "batch_size"):
             positive("--" + name.replace("_", "-"), getattr(args, name))
         if args.limit is not None:
             positive("--limit", args.limit)
-        require_lm_eval()
+        check_task_names(tasks)  # lm-eval installed, every name known: before the model loads
     device = resolve_device(args.device)
     _, eval_texts = load_corpus(args.data)
     model, tokenizer = load_model(args.model)

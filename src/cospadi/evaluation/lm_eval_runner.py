@@ -44,6 +44,22 @@ def parse_tasks(text: str) -> list[str]:
     return tasks
 
 
+def check_task_names(tasks: list[str]) -> None:
+    """CospadiError naming the first of `tasks` that is neither a local task nor one of
+    lm-eval's (reading lm-eval's task index takes a few seconds: run it before any work)."""
+    hub = [t for t in tasks if t not in LOCAL_TASKS]
+    if hub:
+        _, _, TaskManager = require_lm_eval()
+        _refuse_unknown(hub, TaskManager().all_tasks)
+
+
+def _refuse_unknown(tasks: list[str], known: list[str]) -> None:
+    unknown = [t for t in tasks if t not in known]
+    if unknown:
+        raise CospadiError(f"lm-eval has no task {unknown[0]!r}; see `lm_eval ls tasks` for the names "
+                           f"(offline, only {', '.join(LOCAL_TASKS)} work)")
+
+
 def evaluate_tasks(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, tasks: list[str],
                    held_out: list[str] | None = None, *, batch_size: int = 8, limit: int | None = None,
                    lastword_examples: int = DEFAULT_LASTWORD_EXAMPLES, wordppl_docs: int = DEFAULT_WORDPPL_DOCS,
@@ -68,10 +84,7 @@ def evaluate_tasks(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, t
         # lm-eval's own task index takes seconds to build: skip it when only local tasks run
         manager = TaskManager(include_path=str(write_tasks(folder, held_out, lastword_examples, wordppl_docs))
                               if local else None, include_defaults=len(local) < len(tasks))
-        unknown = [t for t in tasks if t not in manager.all_tasks]
-        if unknown:
-            raise CospadiError(f"lm-eval has no task {unknown[0]!r}; see `lm_eval ls tasks` for the names "
-                               f"(offline, only {', '.join(LOCAL_TASKS)} work)")
+        _refuse_unknown(tasks, manager.all_tasks)
         lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size,
                   add_bos_token=True if needs_bos(tokenizer, model) else None)
         was_training = model.training
