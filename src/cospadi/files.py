@@ -10,6 +10,7 @@ temporary folder is named `.OUT.tmp-<pid>-<random>`, so a later run can tell a l
 of a killed writer (its process is gone) from the work of a live one, and removes it."""
 from __future__ import annotations
 
+import hashlib
 import os
 import re
 import shutil
@@ -23,6 +24,12 @@ from .errors import CospadiError
 # A folder holding one of these was written by cospadi: a saved model, a dense export.
 OUTPUT_MARKERS = ("cospadi.json", "cospadi-export.json")
 Inputs = Mapping[str, str | os.PathLike | None]  # label -> a path the run reads
+
+
+def file_sha256(path: str | os.PathLike) -> str:
+    """The sha256 of the file at `path`, in hex (read in chunks, not into memory)."""
+    with open(path, "rb") as fh:
+        return hashlib.file_digest(fh, "sha256").hexdigest()
 
 
 @contextmanager

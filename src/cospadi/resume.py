@@ -32,7 +32,7 @@ from torch import nn
 from transformers import PreTrainedModel
 
 from .errors import CospadiError
-from .files import atomic_file
+from .files import atomic_file, file_sha256
 from .layers.base import compressed_modules
 from .report import MatrixReport
 from .storage.config import replace_modules
@@ -217,20 +217,12 @@ def _restore_group(folder: Path, name: str, group: nn.ModuleDict, device: torch.
     group.load_state_dict(tensors, strict=True)
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as file:
-        while chunk := file.read(1 << 24):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def _verify(folder: Path, name: str, digest: str) -> None:
     """CospadiError unless `folder`/`name` exists with this sha256."""
     path = folder / name
     if Path(name).name != name or not path.is_file():
         raise CospadiError(f"{path} is missing; delete the folder {folder} to start over")
-    if _sha256(path) != digest:
+    if file_sha256(path) != digest:
         raise CospadiError(f"{path} does not match its checksum in {PROGRESS_FILE} (changed, truncated or copied "
                            f"over); delete the folder {folder} to start over")
 
@@ -239,7 +231,7 @@ def _write_tensors(path: Path, tensors: dict[str, torch.Tensor]) -> str:
     """Write `tensors` to the safetensors file `path` atomically; its sha256."""
     with atomic_file(path) as tmp:
         save_file(tensors, str(tmp))
-        return _sha256(tmp)
+        return file_sha256(tmp)
 
 
 def _write_json(path: Path, obj: dict) -> str:

@@ -21,11 +21,11 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 
 from ..errors import CospadiError
-from ..files import atomic_folder, check_output_folder
+from ..files import atomic_folder, check_output_folder, file_sha256
 from ..layers.base import compressed_modules
 from ..layers.coefficients import check_coef_bits
 from .config import FORMAT_VERSION, CospadiConfig
-from .folder_checks import DESCRIPTION, check_folder, file_sha256, verified, weight_files
+from .folder_checks import DESCRIPTION, check_folder, verified, weight_files
 from .folder_report import render_report
 from .sharing import declared_for_saving
 

@@ -4,7 +4,6 @@ version from a newer cospadi, a missing shard, a truncated or garbled safetensor
 a weight file whose sha256 differs from the one cospadi.json recorded at save time."""
 from __future__ import annotations
 
-import hashlib
 import json
 import struct
 from collections.abc import Iterator
@@ -13,6 +12,7 @@ from contextvars import ContextVar
 from pathlib import Path
 
 from ..errors import CospadiError
+from ..files import file_sha256
 from .config import QUANT_METHOD, CospadiConfig, stored_shapes
 
 INDEX = "model.safetensors.index.json"
@@ -101,12 +101,6 @@ def check_module_tensors(entry: dict, headers: list[dict]) -> None:
                 what = "is missing" if found is None else f"has shape {list(found)}"
                 raise CospadiError(f"weights do not match config.json: {name}.{tensor} {what}, config.json implies "
                                    f"{list(expected)}; the folder is corrupt or mixed from two runs: compress again")
-
-
-def file_sha256(path: Path) -> str:
-    """The sha256 of the file at `path`, in hex."""
-    with path.open("rb") as fh:
-        return hashlib.file_digest(fh, "sha256").hexdigest()
 
 
 def recorded_checksums(folder: Path) -> dict[str, str] | None:
