@@ -101,8 +101,9 @@ def test_overcomplete_is_never_worse_than_the_complete_dictionary(seed):
     assert over.dictionary.shape == (32, 44)
     assert bool((over.indices.sort(0).values == over.indices).all())
     assert result_error(y, over) <= result_error(y, complete) * (1 + 1e-6)
-    assert over.objective == sorted(over.objective, reverse=True) or \
-        all(b <= a * (1 + 1e-6) for a, b in zip(over.objective, over.objective[1:]))
+    longer = learn_dictionary(y, 44, s, SolverOptions(iters=3))  # three coding alternations: the objective never rises
+    assert len(longer.objective) == 3 and longer.objective[0] <= result_error(y, complete) * (1 + 1e-6)
+    assert all(b <= a * (1 + 1e-6) for a, b in zip(longer.objective, longer.objective[1:]))
 
 
 def test_more_atoms_at_the_same_sparsity_never_fit_worse():
