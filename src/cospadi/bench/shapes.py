@@ -23,7 +23,6 @@ from pathlib import Path
 import torch
 
 from ..budget import DictBudget, dict_budget, lowrank_budget
-from ..devices import synchronize
 from ..errors import CospadiError
 from ..solvers import SolverOptions, cospadi, output_error, svd_llm
 from .solver import block_matrices, time_solver
@@ -96,7 +95,6 @@ def compare_shapes(cases: dict[str, Case], ratios: list[float], configs: list[st
                 call, budget = solvers[config]
                 progress(f"{name} @ {ratio}: {config}")
                 factors, seconds = time_solver(call, repeats, device)
-                synchronize(device)
                 cell.append({"case": f"{name} ({weight.shape[0]}x{weight.shape[1]})", "ratio": ratio,
                              "solver": config, "k": budget.atoms if budget else "-",
                              "s": budget.sparsity if budget else "-",
