@@ -2,7 +2,10 @@
 `cospadi.load`, and through plain `AutoModelForCausalLM.from_pretrained` wherever the
 damage reaches cospadi's quantizer: a missing or garbled config.json, a folder that is
 not cospadi's, a format version from a newer (or older) cospadi, bad module entries, a
-missing shard, truncated or garbled safetensors, and a corrupt bitmask."""
+missing shard, a garbled index or one that puts a tensor in the wrong shard, truncated
+or garbled safetensors, and a corrupt bitmask. A truncated config.json stops plain
+transformers before cospadi's quantizer is chosen: its own one-line OSError names the
+file, and `cospadi.load`, `cospadi eval --model` and `cospadi export` give one line."""
 
 import json
 import shutil
@@ -13,6 +16,7 @@ from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM
 
 import cospadi
+from cospadi import cli
 from cospadi.errors import CospadiError
 from cospadi.pipeline import Recipe, compress_blocks
 from cospadi.solvers import SolverOptions
@@ -123,19 +127,58 @@ def test_module_sizes_that_disagree_with_the_weights(copy):
     both_routes(folder, rf"do not match config\.json: {Q}\.dictionary has shape.*compress again")
 
 
-def test_module_missing_from_the_config(copy):
+def test_module_missing_from_the_config(copy, caplog):
     folder = copy()
     edit_config(folder, lambda c: c["quantization_config"]["modules"].pop(Q))
     with pytest.raises(CospadiError, match=rf"do not match config\.json.*{Q}"):
         cospadi.load(folder)
+    assert not [r for r in caplog.records if "LOAD REPORT" in r.getMessage()]  # the one line says it all
 
 
 def test_missing_shard(copy):
     folder = copy("sharded")
     shard = sorted(folder.glob("model-*.safetensors"))[-1]
     shard.unlink()
-    with pytest.raises(CospadiError, match=rf"missing weight shard {shard.name}.*copy the whole folder again"):
+    both_routes(folder, rf"missing weight shard {shard.name}.*copy the whole folder again")
+
+
+@pytest.mark.parametrize("text", ["{}", "{not json", '{"weight_map": ["model.safetensors"]}', '{"weight_map": {"a'])
+def test_garbled_index(copy, text):
+    folder = copy("sharded")
+    (folder / "model.safetensors.index.json").write_text(text)
+    both_routes(folder, r"model\.safetensors\.index\.json is not a valid safetensors index.*copy it again")
+
+
+def test_index_that_puts_a_tensor_in_the_wrong_shard(copy):
+    """transformers would leave that tensor at its random initialization."""
+    folder = copy("sharded")
+    path = folder / "model.safetensors.index.json"
+    index = json.loads(path.read_text())
+    key = "model.norm.weight"
+    index["weight_map"][key] = next(s for s in sorted(set(index["weight_map"].values()))
+                                    if s != index["weight_map"][key])
+    path.write_text(json.dumps(index))
+    both_routes(folder, rf"index\.json maps {key} to {index['weight_map'][key]}, which does not hold it.*corrupt")
+
+
+@pytest.mark.parametrize("keep", [0, 60])
+def test_truncated_config_json_is_one_line_on_every_route(copy, tmp_path, keep, capsys):
+    folder = copy()
+    config = folder / "config.json"
+    config.write_text(config.read_text()[:keep])
+    with pytest.raises(CospadiError, match=r"config\.json is not valid JSON.*corrupt"):
         cospadi.load(folder)
+    with pytest.raises(OSError, match=rf"config file at '{config}' is not a valid JSON file") as info:
+        AutoModelForCausalLM.from_pretrained(folder)  # transformers' own error, before any cospadi code runs
+    assert "\n" not in str(info.value)
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("\n\n".join(f"Document {i} says something short." for i in range(20)))
+    for argv in (["eval", "--model", str(folder), "--data", str(corpus), "--seq-len", "8", "--quiet"],
+                 ["export", "--dense", str(folder), str(tmp_path / "dense"), "--quiet"]):
+        assert cli.main(argv) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and err[0].startswith(f"error: {config} is not valid JSON"), err
+    assert not (tmp_path / "dense").exists()
 
 
 def test_no_weights_at_all(copy):
@@ -156,17 +199,13 @@ def test_truncated_weights(copy, name):
     both_routes(folder, rf"{weights.name} is not a readable safetensors file")
 
 
-def test_garbled_header_and_index(copy):
+def test_garbled_header(copy):
     folder = copy()
     weights = folder / "model.safetensors"
     data = bytearray(weights.read_bytes())
     data[8:20] = b"not json!!!!"
     weights.write_bytes(bytes(data))
     both_routes(folder, r"not a readable safetensors file \(damaged header\)")
-    folder = copy("sharded")
-    (folder / "model.safetensors.index.json").write_text("{}")
-    with pytest.raises(CospadiError, match="not a valid safetensors index"):
-        cospadi.load(folder)
 
 
 def test_corrupt_bitmask(copy):

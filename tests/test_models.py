@@ -1,7 +1,12 @@
-"""The built-in models load from their packages, are cached, and evaluate sensibly."""
+"""The built-in models load from their packages, are cached, and evaluate sensibly. The
+cached folder appears atomically: a conversion builds `.<name>.tmp-<pid>-*` beside it,
+and a killed conversion's leftover is removed by the next one."""
 
 import importlib.util
 import math
+import os
+import subprocess
+import sys
 import time
 
 import pytest
@@ -65,6 +70,67 @@ def test_interrupted_conversion_leaves_no_folder(tmp_path, monkeypatch):
     with pytest.raises(KeyboardInterrupt):
         builtin_model_dir("broken")
     assert list((tmp_path / "models").iterdir()) == []
+
+
+def fake_conversion(monkeypatch, tmp_path, seen: list, before_publish=None) -> None:
+    """Make "fake" a built-in model whose GGUF and conversion are instant: the GGUF is
+    written into the scratch folder (as gemma3's is), the conversion writes config.json;
+    `seen` gets the scratch folder's name and listing; before_publish() runs last."""
+    def gguf(scratch):
+        (scratch / "fake.gguf").write_bytes(b"gguf")
+        return scratch / "fake.gguf"
+
+    def convert(path, out):
+        (out / "config.json").write_text(f'{{"from": "{os.getpid()}"}}')
+        seen.append((out.name, sorted(p.name for p in out.parent.iterdir())))
+        if before_publish is not None:
+            before_publish()
+
+    monkeypatch.setenv("COSPADI_CACHE", str(tmp_path))
+    monkeypatch.setitem(models.BUILTIN_MODELS, "fake", BuiltinModel("pip", gguf))
+    monkeypatch.setattr(models, "_convert_gguf", convert)
+
+
+def dead_pid() -> int:
+    proc = subprocess.Popen([sys.executable, "-c", "pass"])
+    proc.wait()
+    return proc.pid
+
+
+def test_conversion_builds_beside_the_cache_and_removes_the_leftovers_of_killed_ones(tmp_path, monkeypatch):
+    seen: list = []
+    fake_conversion(monkeypatch, tmp_path, seen)
+    cache = tmp_path / "models"
+    stale = cache / f".fake.tmp-{dead_pid()}-abc123"  # left by a conversion that was killed
+    stale.mkdir(parents=True)
+    (stale / "model.safetensors").write_bytes(b"half")
+    live = cache / f".fake.tmp-{os.getpid()}-live"  # a conversion still running
+    live.mkdir()
+    other = cache / f".other.tmp-{dead_pid()}-abc"  # another model's: not this conversion's business
+    other.mkdir()
+    folder = builtin_model_dir("fake")
+    assert folder == cache / "fake" and sorted(p.name for p in folder.iterdir()) == ["config.json"]
+    (scratch, listing), = seen
+    assert scratch.startswith(f".fake.tmp-{os.getpid()}-") and stale.name not in listing
+    assert sorted(p.name for p in cache.iterdir()) == sorted([other.name, live.name, "fake"])
+    assert oct(folder.stat().st_mode & 0o777) == oct(0o777 & ~current_umask())
+
+
+def current_umask() -> int:
+    umask = os.umask(0)
+    os.umask(umask)
+    return umask
+
+
+def test_a_conversion_that_another_process_finished_first_is_discarded(tmp_path, monkeypatch):
+    def other_process_finishes():
+        (tmp_path / "models" / "fake").mkdir()
+        (tmp_path / "models" / "fake" / "config.json").write_text('{"from": "the other process"}')
+
+    fake_conversion(monkeypatch, tmp_path, [], other_process_finishes)
+    folder = builtin_model_dir("fake")
+    assert (folder / "config.json").read_text() == '{"from": "the other process"}'
+    assert sorted(p.name for p in folder.parent.iterdir()) == ["fake"]
 
 
 def test_missing_package_names_the_pip_command(tmp_path, monkeypatch):

@@ -6,7 +6,9 @@
   temporaries of killed writers are removed, live ones kept;
 * saved folders record the sha256 of every weight file: a flipped bit is refused by
   `cospadi.load` and by plain from_pretrained, naming the file; older folders still load;
-* Ctrl-C prints one line and exits 130 leaving nothing half-written;
+* Ctrl-C prints one line and exits 130 leaving nothing half-written; during the solve it
+  stops the worker threads at once (jobs not started never start), and the resume folder
+  then finishes to the same bytes as an uninterrupted run;
 * compressing an already compressed folder is one error line."""
 
 import contextlib
@@ -15,9 +17,12 @@ import io
 import json
 import os
 import shutil
+import signal
 import struct
 import subprocess
 import sys
+import threading
+import time
 
 import pytest
 from transformers import AutoModelForCausalLM, PreTrainedModel
@@ -27,6 +32,7 @@ from cospadi import api, cli, files
 from cospadi.errors import CospadiError
 from cospadi.files import OUTPUT_MARKERS, atomic_folder, check_output_folder
 from cospadi.pipeline import Recipe, compress_blocks
+from cospadi.pipeline import solve as solve_module
 from cospadi.solvers import SolverOptions
 from cospadi.storage import folder_checks
 from cospadi.storage.export import EXPORT_DESCRIPTION, export_dense
@@ -220,6 +226,55 @@ def test_ctrl_c_prints_one_line_and_exits_130(resume, cli_files, tmp_path, monke
     expected = "interrupted; rerun the same command to resume" if resume else "interrupted"
     assert stderr.strip().splitlines() == [expected]
     assert list(tmp_path.iterdir()) == []
+
+
+def hang_block_1(monkeypatch, entered: list, outcomes: list, both_inside: threading.Event) -> None:
+    """Solve block 0 as usual; every job of block 1 records itself in `entered` and spins
+    (in Python, as the solvers do) until stopped, recording how it ended in `outcomes`;
+    `both_inside` is set once two jobs run."""
+    real = solve_module.solve_job
+
+    def solve_job(job, method, options):
+        if job.members[0][0] == 0:
+            return real(job, method, options)
+        entered.append(job.members[0][1])
+        if len(entered) == 2:
+            both_inside.set()
+        deadline = time.monotonic() + 60
+        try:
+            while time.monotonic() < deadline:
+                time.sleep(0.002)
+        except BaseException as exc:
+            outcomes.append(type(exc).__name__)
+            raise
+        outcomes.append("finished")
+        return real(job, method, options)
+
+    monkeypatch.setattr(solve_module, "solve_job", solve_job)
+
+
+def test_ctrl_c_during_the_solve_stops_the_workers_and_resumes_to_the_same_bytes(first_run, cli_files, tmp_path,
+                                                                                monkeypatch):
+    progress, out = tmp_path / "progress", tmp_path / "out"
+    argv = compress_argv(cli_files, out, "--resume-dir", str(progress), "--workers", "2")
+    entered, outcomes, both_inside = [], [], threading.Event()
+    with monkeypatch.context() as patch:
+        hang_block_1(patch, entered, outcomes, both_inside)
+        main = threading.main_thread().ident
+        ctrl_c = threading.Thread(target=lambda: both_inside.wait(60) and signal.pthread_kill(main, signal.SIGINT))
+        ctrl_c.start()
+        code, stderr = run_cli(argv)
+        ctrl_c.join()
+    assert code == 130 and stderr.strip().splitlines() == ["interrupted; rerun the same command to resume"], stderr
+    assert len(entered) == 2  # the five other jobs of block 1 never started
+    assert outcomes == ["_Stopped", "_Stopped"]  # the running ones did not run on to their end
+    assert sorted(p.name for p in progress.iterdir()) == ["group-000.json", "group-000.safetensors", "progress.json",
+                                                          "states-001.safetensors"]
+    assert json.loads((progress / "progress.json").read_text())["done"] == 1 and not out.exists()
+    code, stderr = run_cli(argv)
+    assert code == 0, stderr
+    for name in ("config.json", "model.safetensors"):
+        assert (out / name).read_bytes() == (first_run / name).read_bytes(), name
 
 
 def test_ctrl_c_during_the_save_leaves_nothing_half_written(cli_files, tmp_path, monkeypatch):

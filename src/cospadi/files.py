@@ -7,7 +7,9 @@ An output folder is never allowed to destroy what the user put there: `atomic_fo
 folder that cospadi did not write, the folder a run reads from or any parent of it, the
 current folder, and replaces an earlier cospadi output only with overwrite=True. The
 temporary folder is named `.OUT.tmp-<pid>-<random>`, so a later run can tell a leftover
-of a killed writer (its process is gone) from the work of a live one, and removes it."""
+of a killed writer (its process is gone) from the work of a live one, and removes it.
+Caches that any process may fill (the built-in models) build in `scratch_folder` and
+`publish_folder` the result, the first finished process winning."""
 from __future__ import annotations
 
 import hashlib
@@ -73,6 +75,42 @@ def atomic_folder(out_dir: str | os.PathLike, *, overwrite: bool = False, inputs
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+@contextmanager
+def scratch_folder(target: str | os.PathLike, what: str = "folder") -> Iterator[Path]:
+    """Yield a fresh empty folder `.TARGET.tmp-<pid>-<random>` beside `target` to build it
+    in (the leftovers of killed builders of `target` are removed first: see
+    remove_stale_temporaries); it is deleted when the block ends, so move it onto
+    `target` with publish_folder inside the block. CospadiError when the parent of
+    `target` cannot be written (`what` names the folder in the message)."""
+    target = Path(target)
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        remove_stale_temporaries(target)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-{os.getpid()}-", dir=target.parent))
+    except OSError as exc:
+        raise CospadiError(f"cannot write beside {target}: {exc.strerror}; choose a writable {what}") from exc
+    try:
+        yield tmp
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def publish_folder(tmp: Path, target: Path) -> bool:
+    """Rename the finished folder `tmp` onto `target` (with the permissions a plain mkdir
+    would give) unless a non-empty folder is already there: another process finished
+    first, and `tmp` stays where it is. Whether `tmp` became `target`."""
+    if target.is_dir() and any(target.iterdir()):
+        return False
+    _default_permissions(tmp)
+    try:
+        os.replace(tmp, target)  # atomic; refuses a non-empty folder that appeared meanwhile
+    except OSError:
+        if target.is_dir() and any(target.iterdir()):
+            return False
+        raise
+    return True
 
 
 def check_output_folder(out_dir: str | os.PathLike, *, overwrite: bool = False, inputs: Inputs | None = None,

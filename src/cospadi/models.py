@@ -2,20 +2,27 @@
 
 The built-in models are 4-bit GGUF files dequantized to fp32 once and cached as a
 safetensors folder under `cache_dir()`, so later loads take well under a second.
+
+A model folder that transformers cannot load (a damaged or truncated weight file, a
+garbled index or config, a missing shard) is one CospadiError naming the damaged file;
+weights the config needs but the files lack, which transformers would initialize at
+random, are refused too.
 """
 
 from __future__ import annotations
 
 import importlib.util
+import logging
 import os
 import re
-import shutil
-import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
+from safetensors import SafetensorError
 from transformers import (
     AutoModelForCausalLM,
     AutoTokenizer,
@@ -24,6 +31,10 @@ from transformers import (
 )
 
 from .errors import CospadiError
+from .files import publish_folder, scratch_folder
+
+# what transformers, tokenizers and safetensors raise on a damaged or foreign model folder
+LOAD_ERRORS = (OSError, ValueError, KeyError, SafetensorError)
 
 
 @dataclass(frozen=True)
@@ -101,7 +112,10 @@ def _convert_gguf(gguf: Path, out: Path) -> None:
 def builtin_model_dir(name: str) -> Path:
     """Folder `cache_dir()/models/<name>` holding the built-in model `name` as fp32
     safetensors plus its tokenizer, converted from the package's GGUF on first use
-    (about 20-60 s) and returned at once afterwards. The folder appears atomically."""
+    (about 20-60 s) and returned at once afterwards. The folder appears atomically: the
+    conversion writes `.<name>.tmp-<pid>-*` beside it and renames it when complete (a
+    killed conversion's leftover is removed by the next one; when two processes convert
+    at once, the first to finish wins)."""
     if name not in BUILTIN_MODELS:
         raise CospadiError(
             f"unknown built-in model {name!r}; choose one of {', '.join(BUILTIN_MODELS)}"
@@ -109,18 +123,12 @@ def builtin_model_dir(name: str) -> Path:
     target = cache_dir() / "models" / name
     if target.is_dir():
         return target
-    target.parent.mkdir(parents=True, exist_ok=True)
-    scratch = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=target.parent))
-    scratch.chmod(0o755)
-    try:
+    with scratch_folder(target, "cache folder (set COSPADI_CACHE)") as scratch:
         gguf = BUILTIN_MODELS[name].gguf(scratch)
         _convert_gguf(gguf, scratch)
         if gguf.parent == scratch:
             gguf.unlink()
-        if not target.is_dir():  # another process may have finished first
-            os.replace(scratch, target)
-    finally:
-        shutil.rmtree(scratch, ignore_errors=True)
+        publish_folder(scratch, target)
     return target
 
 
@@ -141,14 +149,7 @@ def load_model(
 
             model, tokenizer = _load(path)
         else:
-            try:
-                model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
-                tokenizer = AutoTokenizer.from_pretrained(path)
-            except (OSError, ValueError, KeyError) as exc:
-                reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-                raise CospadiError(f"folder {path} holds no loadable causal LM with its tokenizer ({reason}); "
-                                   "give a Hugging Face model folder with config.json, weights and tokenizer "
-                                   "files") from None
+            model, tokenizer = _load_folder(path, dtype)
     elif path.exists():
         raise CospadiError(f"model path {name_or_path} is a file; give the folder that holds it")
     elif _HUB_ID.fullmatch(name_or_path):
@@ -167,6 +168,75 @@ def load_model(
         )
     model.eval()
     return model, tokenizer
+
+
+def _load_folder(path: Path, dtype: torch.dtype) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """The model and tokenizer of a plain model folder. CospadiError naming the damaged
+    file when transformers cannot load them (_unloadable), and when the weight files
+    lack a tensor the config needs or hold it at another shape (transformers would
+    initialize it at random and only log warnings: they are held back, and logged only
+    when the load is accepted)."""
+    try:
+        with held_load_warnings() as held:
+            loaded: Any = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, output_loading_info=True,
+                                                               ignore_mismatched_sizes=True)
+        model, info = loaded
+        tokenizer = AutoTokenizer.from_pretrained(path)
+    except LOAD_ERRORS as exc:
+        raise _unloadable(path, exc) from None
+    missing = sorted(str(key) for key in info.get("missing_keys") or [])
+    mismatched = sorted(str(entry[0]) for entry in info.get("mismatched_keys") or [])
+    if missing or mismatched:
+        from .storage.folder_checks import find_damage
+
+        what = f"lack {missing[0]}" if missing else f"hold {mismatched[0]} at another shape"
+        count = len(missing) + len(mismatched)
+        damage = find_damage(path) or f"the weight files {what} ({count} tensor(s) do not match config.json)"
+        raise CospadiError(f"cannot load the model in {path}: {damage}; the folder is damaged or mixed from two "
+                           "models: copy or download it again")
+    release(held)
+    return model, tokenizer
+
+
+_TRANSFORMERS_LOG = logging.getLogger("transformers.modeling_utils")
+
+
+@contextmanager
+def held_load_warnings() -> Iterator[list[logging.LogRecord]]:
+    """Hold back what transformers' loader logs (its LOAD REPORT, "checkpoint seems
+    corrupted") while the block runs, in the yielded list: the caller logs the records
+    (release) or refuses the load in one line instead."""
+    held: list[logging.LogRecord] = []
+
+    def hold(record: logging.LogRecord) -> bool:
+        held.append(record)
+        return False
+
+    _TRANSFORMERS_LOG.addFilter(hold)
+    try:
+        yield held
+    finally:
+        _TRANSFORMERS_LOG.removeFilter(hold)
+
+
+def release(records: list[logging.LogRecord]) -> None:
+    """Log the records held_load_warnings held back."""
+    for record in records:
+        _TRANSFORMERS_LOG.handle(record)
+
+
+def _unloadable(path: Path, exc: BaseException) -> CospadiError:
+    """The error for a folder transformers failed to load with `exc`: the first damaged
+    file of the folder when find_damage sees one, else the first line of `exc`."""
+    from .storage.folder_checks import find_damage
+
+    damage = find_damage(path)
+    if damage is not None:
+        return CospadiError(f"cannot load the model in {path}: {damage}; the folder is damaged: copy or download "
+                            "it again")
+    reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    return CospadiError(f"folder {path} holds no loadable causal LM with its tokenizer ({reason}); give a Hugging "
+                        "Face model folder with config.json, weights and tokenizer files")
 
 
 def needs_bos(tokenizer: PreTrainedTokenizerBase, model: PreTrainedModel) -> bool:

@@ -18,12 +18,14 @@ import os
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 
 from ..errors import CospadiError
 from ..files import atomic_folder, check_output_folder, file_sha256
 from ..layers.base import compressed_modules
 from ..layers.coefficients import check_coef_bits
+from ..models import held_load_warnings, release
 from .config import FORMAT_VERSION, CospadiConfig
 from .folder_checks import DESCRIPTION, check_folder, verified, weight_files
 from .folder_report import render_report
@@ -120,12 +122,12 @@ def load(path: str | os.PathLike, dtype: torch.dtype | str | None = None) -> tup
     check_folder(folder)
     torch_dtype = parse_dtype(dtype) or "auto"
     try:
-        with verified(weight_files(folder)):  # the quantizer need not hash them again
+        with verified(weight_files(folder)), held_load_warnings() as held:  # the quantizer need not hash again
             model, info = AutoModelForCausalLM.from_pretrained(folder, dtype=torch_dtype, output_loading_info=True,
                                                                ignore_mismatched_sizes=True)  # reported below
     except CospadiError:
         raise
-    except (OSError, ValueError, RuntimeError, KeyError, TypeError) as exc:
+    except (OSError, ValueError, RuntimeError, KeyError, TypeError, SafetensorError) as exc:
         reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise CospadiError(f"cannot load {folder} ({reason}); the folder is corrupt: compress again") from None
     problems = {kind: sorted(str(k) for k in info.get(kind) or []) for kind in
@@ -134,6 +136,7 @@ def load(path: str | os.PathLike, dtype: torch.dtype | str | None = None) -> tup
         detail = "; ".join(f"{kind.replace('_', ' ')} {names[:3]}" for kind, names in problems.items() if names)
         raise CospadiError(f"{folder}: the weights do not match config.json ({detail}); the folder is corrupt or "
                            "from another tool: compress again")
+    release(held)  # transformers' report, shown only when the load is accepted
     model.eval()
     tokenizer = None
     if (folder / "tokenizer_config.json").exists():
