@@ -6,17 +6,21 @@
 """
 from __future__ import annotations
 
+from dataclasses import replace
+
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from .allocation import RatioMap
+from .allocation import DEFAULT_COST, RatioMap, check_allocation
 from .budget import check_ratio
 from .data import calibration_windows, evaluation_windows, load_corpus, tokenize_corpus
+from .errors import CospadiError
 from .evaluation.perplexity import perplexity
 from .groups import resolve_group_size
 from .methods import get_method
 from .models import needs_bos
-from .pipeline import Recipe, compress_blocks
+from .pipeline import Recipe, check_recipe, compress_blocks
+from .pipeline.allocate import allocate
 from .report import CompressionReport
 from .solvers import SolverOptions
 
@@ -50,7 +54,8 @@ def compress(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, texts: 
              calib_samples: int = DEFAULT_CALIB_SAMPLES, seq_len: int = DEFAULT_SEQ_LEN, batch_size: int = 8,
              progress: bool = True, workers: int | None = None, group_size: int | None = None,
              resume_dir: str | None = None, device: str | torch.device | None = None,
-             ratios: RatioMap | None = None, **solver: object) -> tuple[PreTrainedModel, CompressionReport]:
+             ratios: RatioMap | None = None, allocation: str = "uniform", cost: str = DEFAULT_COST,
+             profile_cache: str | None = None, **solver: object) -> tuple[PreTrainedModel, CompressionReport]:
     """Compress `model` in place: every q/k/v/o/gate/up/down linear of every block becomes
     a DictLinear (method "cospadi") or LowRankLinear ("svd", "svd-llm", "basis-sharing")
     removing `ratio` of its weights, calibrated on `calib_samples` windows of `seq_len`
@@ -64,15 +69,30 @@ def compress(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, texts: 
     resume from it when it already holds progress of this same run (pipeline.compress_blocks).
     `device` ("auto", "cpu", "cuda", "cuda:N"; None: the model's own): where calibration
     and the solvers run, one block at a time, the model itself staying where it is.
+    `allocation` "knapsack": each matrix gets its own ratio (0 = kept dense, up to 0.9)
+    from a profile of its errors under `cost` ("normalized" or "fisher"), the stored
+    numbers still (1 - ratio) of the dense ones (docs/allocation.md); the profile is
+    cached under `profile_cache` (None: not cached). `ratios` gives the map directly.
+    The report's seconds include the allocation's.
     """
     check_ratio(ratio)
     group_size = resolve_group_size(get_method(method), group_size)
     options = SolverOptions(**solver)  # type: ignore[arg-type]
     if input_ids is None:
         input_ids = calibration_ids(model, tokenizer, texts, calib_samples, seq_len, options.seed)
+    check_allocation(allocation, cost)
+    if ratios is not None and allocation != "uniform":
+        raise CospadiError("give either ratios (a per-matrix map) or allocation='knapsack', not both")
     recipe = Recipe(method, ratio, options, group_size, ratios)
+    check_recipe(model, recipe)  # before the profile pass
+    chosen = allocate(model, input_ids, recipe, allocation, cost, cache=profile_cache, batch_size=batch_size,
+                      device=device, progress=progress)
+    if chosen.ratios is not None:
+        recipe = replace(recipe, ratios=chosen.ratios)
     report = compress_blocks(model, input_ids, recipe, batch_size=batch_size, progress=progress, workers=workers,
                              resume_dir=resume_dir, device=device)
+    report.allocation = chosen.summary()
+    report.seconds += chosen.seconds
     return model, report
 
 

@@ -12,9 +12,19 @@ import torch
 import transformers
 
 from . import api
+from .bench.plot import plot_allocation
 from .budget import check_ratio
 from .cli_bench import BENCH_COMMANDS, add_bench_parsers
-from .cli_common import Parser, add_device_arg, add_solver_args, add_text_args, check_seq_len, positive, solver_options
+from .cli_common import (
+    Parser,
+    add_allocation_args,
+    add_device_arg,
+    add_solver_args,
+    add_text_args,
+    check_seq_len,
+    positive,
+    solver_options,
+)
 from .data import load_corpus
 from .devices import resolve_device, visiting
 from .errors import CospadiError
@@ -23,7 +33,7 @@ from .files import atomic_file, check_output_file, check_output_folder
 from .groups import resolve_group_size
 from .layers.base import compressed_modules
 from .methods import get_method, method_names
-from .models import load_model
+from .models import cache_dir, load_model
 from .pipeline import Recipe, check_recipe
 from .report import CompressionReport, peak_rss_mb, results_table
 from .resume import check_resume_dir
@@ -44,6 +54,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "paper: 2); a last group is shorter when it does not divide the blocks")
     c.add_argument("--ratio", type=float, default=0.3, help="fraction of each linear's weights removed, in (0, 1)")
     add_solver_args(c)
+    add_allocation_args(c)
+    c.add_argument("--profile-cache", default="auto",
+                   help="folder caching knapsack profiles, so a rerun or another ratio does not profile again "
+                        "(auto: profiles/ under cospadi's cache, $COSPADI_CACHE or ~/.cache/cospadi; none: no cache)")
     add_device_arg(c, "calibration, the solvers and evaluation (the model itself stays on the CPU; one block at a "
                        "time visits the device)")
     c.add_argument("--calib-samples", type=int, default=api.DEFAULT_CALIB_SAMPLES,
@@ -110,6 +124,8 @@ def run_compress(args: argparse.Namespace) -> list[dict]:
     model, report = api.compress(model, tokenizer, input_ids=ids, method=args.method, ratio=args.ratio,
                                  batch_size=args.batch_size, progress=not args.quiet, workers=args.workers,
                                  group_size=group_size, resume_dir=args.resume_dir, device=device,
+                                 allocation=args.allocation, cost=args.cost,
+                                 profile_cache=_profile_cache(args.profile_cache),
                                  **asdict(options))
     ppl = _evaluate(model, windows, device, args, "compressed perplexity")
     row = _row(report, dense_ppl, ppl)
@@ -119,7 +135,26 @@ def run_compress(args: argparse.Namespace) -> list[dict]:
     if args.json is not None:
         with atomic_file(args.json) as tmp:
             tmp.write_text(json.dumps({"summary": row, "report": report.to_dict()}, indent=1))
+    _write_heatmap(args, report)
     return [row]
+
+
+def _write_heatmap(args: argparse.Namespace, report: CompressionReport) -> None:
+    """A per-matrix allocation's heatmap next to the output: OUT/allocation.png with --out,
+    else <json>.allocation.png with --json; a note when matplotlib is missing."""
+    if report.allocation.get("allocation", "uniform") == "uniform" or (args.out is None and args.json is None):
+        return
+    path = Path(args.out) / "allocation.png" if args.out is not None else Path(args.json).with_suffix(".allocation.png")
+    try:
+        plot_allocation([asdict(m) for m in report.matrices], path,
+                        f"{report.method} at ratio {report.ratio:g}: per-matrix ratios ({report.allocation['cost']} cost)")
+    except CospadiError as exc:  # matplotlib missing: the model and report are saved; say what was skipped
+        print(f"note: no allocation heatmap: {exc}", file=sys.stderr)
+
+
+def _profile_cache(value: str) -> str | None:
+    """--profile-cache: auto -> cache_dir()/profiles, none -> None, else the folder given."""
+    return {"auto": str(cache_dir() / "profiles"), "none": None}.get(value, value)
 
 
 def _check_outputs(args: argparse.Namespace) -> None:
@@ -152,6 +187,7 @@ def _row(report: CompressionReport, dense_ppl: float | None, ppl: float | None) 
             "storage ratio (linears / model)": f"{lin['storage']:.3f} / {mod['storage']:.3f}",
             "params (M)": f"{report.dense_params / 1e6:.1f} -> {report.compressed_params / 1e6:.1f}",
             "dense ppl": dense_ppl if dense_ppl is not None else "-", "ppl": ppl if ppl is not None else "-",
+            "allocation": report.allocation.get("allocation", "uniform"),
             "time (s)": round(report.seconds, 1), "peak RSS (MiB)": round(report.peak_rss_mb)}
 
 

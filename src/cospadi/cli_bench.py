@@ -9,12 +9,14 @@ import sys
 from pathlib import Path
 
 from . import api
+from .bench import allocation as bench_allocation
 from .bench import infer as bench_infer
 from .bench import plot as bench_plot
 from .bench import shapes as bench_shapes
 from .bench import solver as bench_solver
 from .bench import sweep as bench
 from .cli_common import (
+    add_allocation_args,
     add_device_arg,
     add_solver_args,
     add_text_args,
@@ -27,6 +29,7 @@ from .cli_common import (
 from .devices import resolve_device
 from .errors import CospadiError
 from .report import results_table
+from .solvers import SolverOptions
 
 
 def add_bench_parsers(sub: argparse._SubParsersAction) -> None:
@@ -35,8 +38,10 @@ def add_bench_parsers(sub: argparse._SubParsersAction) -> None:
     add_text_args(b)
     add_solver_args(b)
     b.add_argument("--methods", default=",".join(bench.BENCH_METHODS),
-                   help=f"comma-separated, from {', '.join(bench.BENCH_METHODS)} (cospadi-group: cospadi per group)")
+                   help=f"comma-separated, from {', '.join(bench.BENCH_METHODS)} (cospadi-group: cospadi per group), "
+                        f"each optionally with {bench.KNAPSACK} (per-matrix ratios; --allocation knapsack adds it to all)")
     b.add_argument("--group-size", type=int, default=2, help="blocks per group of basis-sharing and cospadi-group")
+    add_allocation_args(b)
     b.add_argument("--lastword-examples", type=int, default=bench.DEFAULT_LASTWORD_EXAMPLES,
                    help="last-word accuracy passages per cell (lm-eval, offline; 0: skip)")
     b.add_argument("--wordppl-docs", type=int, default=bench.DEFAULT_WORDPPL_DOCS,
@@ -80,6 +85,23 @@ def add_bench_parsers(sub: argparse._SubParsersAction) -> None:
     h.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     h.add_argument("--quiet", action="store_true", help="no progress lines")
     add_device_arg(h, "the solvers")
+    a = sub.add_parser("bench-allocation", help="knapsack costs scored on a validation split of the calibration "
+                       "text, and how well the profile's proxy ranks against the dictionary solver")
+    a.add_argument("--model", default="smollm2-135m", help="built-in name, local folder or hub id")
+    a.add_argument("--data", default="wiki", help="'wiki' (built-in) or a .txt / .jsonl file")
+    a.add_argument("--parts", default="costs,proxy", help="comma-separated: costs, proxy")
+    a.add_argument("--methods", default="svd-llm,cospadi", help="methods whose costs are compared")
+    a.add_argument("--ratios", default="0.3", help="comma-separated ratios of the cost comparison")
+    a.add_argument("--calib-samples", type=int, default=api.DEFAULT_CALIB_SAMPLES, help="calibration windows")
+    a.add_argument("--seq-len", type=int, default=api.DEFAULT_SEQ_LEN, help="tokens per window")
+    a.add_argument("--validation-windows", type=int, default=16, help="validation windows scoring the costs")
+    a.add_argument("--proxy-blocks", default="3,15,27", help="blocks whose matrices test the proxy")
+    a.add_argument("--proxy-ratios", default="0.1,0.3,0.5,0.7", help="ratios at which the proxy is tested")
+    a.add_argument("--seed", type=int, default=42, help="seed of the calibration windows")
+    a.add_argument("--cache", default="runs/allocation", help="folder caching profiles and block Grams")
+    a.add_argument("--output", default="BENCHMARKS.md", help="Markdown file to write the tables into")
+    a.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    a.add_argument("--quiet", action="store_true", help="no progress bars")
     bench_infer.add_arguments(sub.add_parser("bench-infer", help="dense vs svd-llm vs cospadi: bytes on disk, "
                                              "decode and prefill speed, memory; written into BENCHMARKS.md"))
 
@@ -87,7 +109,9 @@ def add_bench_parsers(sub: argparse._SubParsersAction) -> None:
 def run_bench(args: argparse.Namespace) -> list[dict]:
     options = solver_options(args)
     ratios = tuple(parse_ratios(args.ratios))
-    sweep = bench.Sweep(model=args.model, data=args.data, methods=tuple(args.methods.split(",")), ratios=ratios,
+    methods = [m + bench.KNAPSACK if args.allocation == "knapsack" and not m.endswith(bench.KNAPSACK) else m
+               for m in args.methods.split(",")]
+    sweep = bench.Sweep(model=args.model, data=args.data, methods=tuple(methods), ratios=ratios, cost=args.cost,
                         calib_samples=args.calib_samples, seq_len=args.seq_len, eval_windows=args.eval_windows,
                         options=options, group_size=args.group_size, lastword_examples=args.lastword_examples,
                         wordppl_docs=args.wordppl_docs)
@@ -166,6 +190,41 @@ def run_bench_shapes(args: argparse.Namespace) -> list[dict]:
     return rows
 
 
+def run_bench_allocation(args: argparse.Namespace) -> list[dict]:
+    """`cospadi bench-allocation`: see bench/allocation.py; each part its own section."""
+    parts = args.parts.split(",")
+    if not parts or any(p not in ("costs", "proxy") for p in parts):
+        raise CospadiError(f"--parts {args.parts!r}: give a comma-separated subset of costs,proxy")
+    for name in ("calib_samples", "seq_len", "validation_windows"):
+        positive("--" + name.replace("_", "-"), getattr(args, name))
+    options = SolverOptions(seed=args.seed)
+    command, rows = command_line("bench-allocation"), []
+    if "costs" in parts:
+        rows = bench_allocation.compare_costs(args.model, args.data, args.methods.split(","), parse_ratios(args.ratios),
+                                              args.calib_samples, args.seq_len, args.validation_windows, options,
+                                              Path(args.cache), progress=not args.quiet)
+        header = (f"`{args.model}`, calibration {args.calib_samples} x {args.seq_len} tokens from the first 90% of "
+                  f"the {args.data} calibration documents; validation perplexity on {args.validation_windows} x "
+                  f"{args.seq_len} tokens of the last 10% (never the held-out evaluation split). Seconds include "
+                  "profiling where the profile was not cached yet (the first knapsack row of each method).\n\n"
+                  f"Reproduce: `{command}`\n")
+        bench.write_section(Path(args.output), f"allocation-costs-{Path(args.model).name}", header + "\n" +
+                            results_table(rows))
+    if "proxy" in parts:
+        blocks = [int(b) for b in args.proxy_blocks.split(",")]
+        pairs, summary = bench_allocation.proxy_agreement(args.model, blocks, parse_ratios(args.proxy_ratios),
+                                                          args.calib_samples, args.seq_len, args.seed,
+                                                          Path(args.cache), options)
+        header = (f"Blocks {args.proxy_blocks} of `{args.model}`, every target matrix at ratios {args.proxy_ratios}: "
+                  "the relative error ||X(W - W')|| / ||X W|| the profile's proxy predicts (orthogonal dictionary, "
+                  "one SVD) against the default cospadi solver's.\n\n"
+                  f"Reproduce: `{command}`\n")
+        bench.write_section(Path(args.output), f"allocation-proxy-{Path(args.model).name}", header + "\n" +
+                            results_table([summary]) + "\n\n" + results_table(pairs))
+        rows = rows or [summary]
+    return rows
+
+
 def run_bench_infer(args: argparse.Namespace) -> list[dict]:
     """`cospadi bench-infer`: see bench/infer.py."""
     command = command_line("bench-infer")
@@ -173,5 +232,6 @@ def run_bench_infer(args: argparse.Namespace) -> list[dict]:
                            progress=not args.quiet)
 
 
-BENCH_COMMANDS = {"bench": run_bench, "bench-solver": run_bench_solver, "bench-shapes": run_bench_shapes,
+BENCH_COMMANDS = {"bench": run_bench, "bench-allocation": run_bench_allocation, "bench-solver": run_bench_solver,
+                  "bench-shapes": run_bench_shapes,
                   "bench-infer": run_bench_infer}

@@ -10,6 +10,7 @@ from dataclasses import fields
 import torch
 
 from . import api
+from .allocation import ALLOCATIONS, COSTS, DEFAULT_COST
 from .budget import check_ratio
 from .errors import CospadiError
 from .solvers import SolverOptions
@@ -33,6 +34,15 @@ def add_solver_args(p: argparse.ArgumentParser) -> None:
         p.add_argument("--" + option.name.replace("_", "-"), type=type(option.default), default=option.default,
                        help=option.metadata["help"])
     p.add_argument("--workers", type=int, default=None, help="matrices solved at once (default: torch threads)")
+
+
+def add_allocation_args(p: argparse.ArgumentParser) -> None:
+    """--allocation, --cost and --profile-cache (docs/allocation.md)."""
+    p.add_argument("--allocation", default="uniform", choices=list(ALLOCATIONS),
+                   help="uniform: every matrix at --ratio; knapsack: each matrix its own ratio (0 = dense, up to 0.9) "
+                        "from a profile of its errors, the total still removing --ratio")
+    p.add_argument("--cost", default=DEFAULT_COST, choices=list(COSTS),
+                   help="what the knapsack minimises: fisher (error x loss sensitivity) or normalized (relative error)")
 
 
 def add_device_arg(p: argparse.ArgumentParser, what: str) -> None:

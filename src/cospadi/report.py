@@ -56,6 +56,7 @@ class CompressionReport:
     peak_rss_mb: float = 0.0
     calibration: dict = field(default_factory=dict)
     group_size: int = 1
+    allocation: dict = field(default_factory=lambda: {"allocation": "uniform"})  # pipeline/allocate.py summary
 
     @property
     def linear_params(self) -> int:

@@ -1,6 +1,7 @@
-"""The `cospadi bench` plot: perplexity against compression ratio, log scale, one line per
-method, the dense model as a horizontal line; a panel per measure the sweep has (token
-perplexity, word perplexity, last-word accuracy on a linear scale)."""
+"""The plots: `cospadi bench`'s perplexity against compression ratio, log scale, one line
+per method, the dense model as a horizontal line, a panel per measure the sweep has (token
+perplexity, word perplexity, last-word accuracy on a linear scale); and the heatmap of a
+knapsack allocation's per-matrix ratios (blocks x matrix kinds)."""
 from __future__ import annotations
 
 import math
@@ -70,6 +71,41 @@ def plot_sweep(rows: list[dict], path: str | Path, title: str) -> Path:
         ax.grid(True, which="both", alpha=0.3)
     axes[0][0].legend(fontsize=8)
     fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    path = Path(path)
+    try:
+        with atomic_file(path) as tmp:
+            fig.savefig(tmp, dpi=110, format="png")
+    finally:
+        plt.close(fig)
+    return path
+
+
+def plot_allocation(matrices: list[dict], path: str | Path, title: str) -> Path:
+    """The heatmap of report rows `matrices` (layer, name, ratio): blocks down, linear kinds
+    across, colour = the fraction removed (0: kept dense), each cell labelled. Written
+    atomically to the PNG `path`; returns it."""
+    check_matplotlib()
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    from ..allocation import ratio_grid
+
+    blocks, kinds, grid = ratio_grid(matrices)
+    values = np.array([[np.nan if r is None else r for r in row] for row in grid])
+    fig, ax = plt.subplots(figsize=(1.1 * len(kinds) + 2.5, 0.28 * len(blocks) + 1.8))
+    image = ax.imshow(values, cmap="viridis", vmin=0.0, vmax=1.0, aspect="auto")
+    for (i, j), r in np.ndenumerate(values):
+        if np.isfinite(r):
+            ax.text(j, i, f"{r:g}", ha="center", va="center", fontsize=6, color="white" if r < 0.6 else "black")
+    ax.set_xticks(range(len(kinds)), [k.split(".")[-1] for k in kinds], rotation=30)
+    ax.set_yticks(range(len(blocks)), [str(b) for b in blocks], fontsize=6)
+    ax.set_ylabel("block")
+    fig.colorbar(image, ax=ax, label="ratio (fraction removed)")
+    ax.set_title(title, fontsize=9)
     fig.tight_layout()
     path = Path(path)
     try:

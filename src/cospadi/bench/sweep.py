@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 
 from .. import api
+from ..allocation import DEFAULT_COST, check_allocation
 from ..budget import check_ratio
 from ..data import load_corpus
 from ..errors import CospadiError
@@ -44,10 +45,22 @@ DEFAULT_LASTWORD_EXAMPLES = 300
 DEFAULT_WORDPPL_DOCS = 100
 
 
+KNAPSACK = "+knapsack"  # a label's suffix: the method with per-matrix ratios from the knapsack allocation
+
+
+def parse_label(label: str) -> tuple[str, bool, str]:
+    """bench label -> (method, shares across a group of blocks, allocation); a label is
+    one of BENCH_METHODS, optionally followed by "+knapsack". CospadiError otherwise."""
+    base, allocation = (label[:-len(KNAPSACK)], "knapsack") if label.endswith(KNAPSACK) else (label, "uniform")
+    if base not in BENCH_METHODS:
+        raise CospadiError(f"unknown method {label!r} for bench; choose from: {', '.join(BENCH_METHODS)}, each "
+                           f"optionally with {KNAPSACK} (e.g. cospadi{KNAPSACK})")
+    return (*BENCH_METHODS[base], allocation)
+
+
 def check_label(label: str) -> None:
-    """CospadiError unless `label` is one of BENCH_METHODS."""
-    if label not in BENCH_METHODS:
-        raise CospadiError(f"unknown method {label!r} for bench; choose from: {', '.join(BENCH_METHODS)}")
+    """CospadiError unless parse_label accepts `label`."""
+    parse_label(label)
 
 
 @dataclass(frozen=True)
@@ -65,6 +78,7 @@ class Sweep:
     group_size: int = 2  # blocks per group for basis-sharing and cospadi-group
     lastword_examples: int = DEFAULT_LASTWORD_EXAMPLES  # 0: no last-word accuracy
     wordppl_docs: int = DEFAULT_WORDPPL_DOCS  # 0: no word perplexity
+    cost: str = DEFAULT_COST  # the knapsack's cost, for "+knapsack" labels
 
     @property
     def key(self) -> str:
@@ -82,11 +96,12 @@ class Sweep:
     def cell_name(self, label: str, ratio: float) -> str:
         """The cache file of one cell: grouped methods carry their group size, dictionary
         methods their solver options."""
-        method, grouped = BENCH_METHODS[label]
+        method, grouped, allocation = parse_label(label)
         o = self.options
         solver = (f"-rho{o.rho:g}-{o.solver}-{o.init}-r{o.rounds}-it{o.iters}-sw{o.sweeps}-p{o.power_iters}-{o.coder}"
                   if get_method(method).uses_solver_options else "")
-        return f"{label}{f'-g{self.group_size}' if grouped else ''}{solver}-{ratio:g}.json"
+        cost = f"-{self.cost}" if allocation != "uniform" else ""
+        return f"{label}{f'-g{self.group_size}' if grouped else ''}{solver}{cost}-{ratio:g}.json"
 
     def tasks(self) -> list[str]:
         """The local lm-eval tasks every cell runs."""
@@ -99,6 +114,7 @@ class Sweep:
         for ratio in self.ratios:
             check_ratio(ratio)
         check_group_size(self.group_size, get_method("cospadi"))
+        check_allocation("knapsack", self.cost)
         for name in ("lastword_examples", "wordppl_docs"):
             if getattr(self, name) < 0:
                 raise CospadiError(f"--{name.replace('_', '-')} {getattr(self, name)} must be 0 (skip) or more")
@@ -132,18 +148,20 @@ def run_sweep(sweep: Sweep, cache: Path, progress: bool = True) -> list[dict]:
         for label in sweep.methods:
             path = folder / sweep.cell_name(label, ratio)
             if not path.exists():
-                method, grouped = BENCH_METHODS[label]
+                method, grouped, allocation = parse_label(label)
                 model, _ = load_model(sweep.model)  # fresh dense weights for every cell
                 start = time.perf_counter()
                 _, report = api.compress(model, tokenizer, input_ids=ids, method=method, ratio=ratio,
                                          progress=progress, group_size=sweep.group_size if grouped else 1,
+                                         allocation=allocation, cost=sweep.cost, profile_cache=str(folder / "profiles"),
                                          **asdict(sweep.options))
                 seconds = time.perf_counter() - start
                 _write_json(path, {"method": label, "ratio": ratio, "group_size": report.group_size,
                                    **evaluate_cell(model, tokenizer, windows, eval_texts, sweep, progress),
                                    "seconds": seconds, "linear_ratios": report.linear_ratios,
                                    "model_ratios": report.model_ratios, "params": report.compressed_params,
-                                   "peak_rss_mb": report.peak_rss_mb, "output_errors": mean_errors(report)})
+                                   "peak_rss_mb": report.peak_rss_mb, "output_errors": mean_errors(report),
+                                   "allocation": report.allocation})
             rows.append(json.loads(path.read_text()))
     return rows
 
@@ -235,5 +253,6 @@ def describe(sweep: Sweep, command: str, rows: list[dict] | None = None) -> str:
             f"iters={o.iters}, sweeps={o.sweeps}, power_iters={o.power_iters}{sharing}. "
             f"Ratios: eff. = eq. 11, storage = eq. 10 with the bitmask, over the compressed linears, then over the "
             f"whole model (embeddings stay dense); shared factors count once. Time: compression wall time "
-            f"(calibration + solving). {torch.get_num_threads()} CPU threads.\n\n"
+            f"(calibration + solving; for +knapsack also profiling, measured once per method and reused from the cache at "
+            f"the other ratios, and the {sweep.cost} cost). {torch.get_num_threads()} CPU threads.\n\n"
             f"Reproduce: `{command}`\n")

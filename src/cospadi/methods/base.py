@@ -12,6 +12,7 @@ from ..budget import DictBudget, LowRankBudget, lowrank_budget
 from ..layers.base import CompressedLinear
 from ..layers.linear import LowRankLinear
 from ..solvers.options import SolverOptions
+from ..solvers.profile import lowrank_errors, whitened_spectrum
 
 Budget = LowRankBudget | DictBudget
 
@@ -48,6 +49,13 @@ class Method:
         factor, the same tensor object in every returned factor."""
         raise NotImplementedError
 
+    def error_curve(self, weights: Sequence[torch.Tensor], grams: Sequence[torch.Tensor],
+                    budgets: Sequence[Any], options: SolverOptions) -> list[float]:
+        """The whitened squared error sum_l ||L_bar (W_l - W'_l)||_F^2 this method would
+        reach at each of `budgets` (all for members = len(weights)), exact or a proxy that
+        tracks it (solvers/profile.py); allocation compares budgets by it."""
+        raise NotImplementedError
+
     def build(self, factors: Sequence[Any], biases: Sequence[torch.Tensor | None],
               dtype: torch.dtype) -> list[CompressedLinear]:
         """One drop-in module per factor (with its bias, stored in `dtype`); all of them
@@ -65,6 +73,13 @@ class LowRankMethod(Method):
     (docs/method.md "Budget"); subclasses implement `solve` only."""
 
     module_kind = LowRankLinear
+    whitened_basis: ClassVar[bool] = True  # the basis comes from the whitened SVD (False: data-free svd)
 
     def budget(self, d1: int, d2: int, ratio: float, options: SolverOptions, members: int = 1) -> LowRankBudget:
         return lowrank_budget(d1, d2, ratio, members)
+
+    def error_curve(self, weights: Sequence[torch.Tensor], grams: Sequence[torch.Tensor],
+                    budgets: Sequence[Any], options: SolverOptions) -> list[float]:
+        """Exact: the tail of the whitened spectrum (of the raw one for data-free svd)."""
+        spectrum = whitened_spectrum(weights, grams, plain=not self.whitened_basis)
+        return lowrank_errors(spectrum, [b.rank for b in budgets])

@@ -12,6 +12,7 @@ from ..solvers import cospadi, cospadi_grouped
 from ..solvers.dictionary import check_solver
 from ..solvers.factors import SparseDictFactors
 from ..solvers.options import SolverOptions
+from ..solvers.profile import thresholded_errors, whitened_spectrum
 from .base import Method
 
 
@@ -32,3 +33,9 @@ class Cospadi(Method):
         if len(weights) == 1:
             return [cospadi(weights[0], grams[0], budget, options)]
         return cospadi_grouped(weights, grams, budget, options)
+
+    def error_curve(self, weights: Sequence[torch.Tensor], grams: Sequence[torch.Tensor],
+                    budgets: Sequence[DictBudget], options: SolverOptions) -> list[float]:
+        """The orthogonal-dictionary proxy (solvers/profile.py thresholded_errors)."""
+        spectrum = whitened_spectrum(weights, grams)
+        return thresholded_errors(spectrum, [(b.atoms, b.sparsity) for b in budgets])

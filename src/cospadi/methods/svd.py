@@ -14,6 +14,7 @@ from .base import LowRankMethod
 
 class Svd(LowRankMethod):
     name = "svd"
+    whitened_basis = False
 
     def solve(self, weights: Sequence[torch.Tensor], grams: Sequence[torch.Tensor], budget: LowRankBudget,
               options: SolverOptions) -> list[LowRankFactors]:

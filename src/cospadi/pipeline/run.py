@@ -101,17 +101,16 @@ def compress_blocks(model: PreTrainedModel, input_ids: torch.Tensor, recipe: Rec
         done, seconds_before, run.states, run.report.matrices = saved.done, saved.seconds, saved.states, saved.matrices
         files = saved.files
     per_block = len(run.adapter.targets)
-    bar = tqdm(total=len(run.layers) * per_block, initial=done * per_block, desc=f"{recipe.method} @ {recipe.ratio}",
-               unit="matrix", disable=not progress)
-    for blocks in groups:
-        if blocks[-1] < done:
-            continue
-        _compress_group(run, blocks, bar)
-        if folder is not None:
-            files.update(save_group(folder, blocks[0], [run.layers[i] for i in blocks]))
-            save_progress(folder, fingerprint, Progress(blocks[-1] + 1, run.states, run.report.matrices,
-                                                        seconds_before + time.perf_counter() - start, files))
-    bar.close()
+    with tqdm(total=len(run.layers) * per_block, initial=done * per_block, desc=f"{recipe.method} @ {recipe.ratio}",
+              unit="matrix", disable=not progress) as bar:  # closed on errors too (Ctrl-C prints on a clean line)
+        for blocks in groups:
+            if blocks[-1] < done:
+                continue
+            _compress_group(run, blocks, bar)
+            if folder is not None:
+                files.update(save_group(folder, blocks[0], [run.layers[i] for i in blocks]))
+                save_progress(folder, fingerprint, Progress(blocks[-1] + 1, run.states, run.report.matrices,
+                                                            seconds_before + time.perf_counter() - start, files))
     run.report.matrices.sort(key=lambda m: (m.layer, run.adapter.targets.index(m.name)))
     run.report.seconds = seconds_before + time.perf_counter() - start
     run.report.peak_rss_mb = peak_rss_mb()
@@ -149,6 +148,8 @@ def check_recipe(model: PreTrainedModel, recipe: Recipe) -> RatioMap:
             for members in job_members(blocks, name, adapter):
                 linear = layers[members[0]].get_submodule(name)
                 ratio = shared_ratio([(i, name) for i in members], ratios)
+                if ratio == 0:  # stays dense
+                    continue
                 budget = method.budget(linear.in_features, linear.out_features, ratio, recipe.options, len(members))
                 method.check(budget, recipe.options)
     return ratios

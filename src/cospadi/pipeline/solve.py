@@ -3,22 +3,25 @@ same projection of every block of a group sharing one left factor), each job is 
 by its method at its ratio, and the results are compressed modules plus report rows."""
 from __future__ import annotations
 
+import ctypes
+import threading
 import time
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor, as_completed
+from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
 
 from ..adapters import Adapter
 from ..allocation import RatioMap, shared_ratio
-from ..layers.base import CompressedLinear
 from ..methods import Method
 from ..report import MatrixReport
 from ..solvers import SolverOptions, output_error
 
 Grams = dict[int, dict[tuple[str, ...], torch.Tensor]]  # block -> input group of the adapter -> Gram (d1, d1)
+POLL = 0.2  # seconds the main thread waits for a job at a time (solve_jobs)
 
 
 @dataclass
@@ -43,7 +46,7 @@ class Job:
         return sum(linear.weight.numel() for linear in self.linears)
 
 
-Solved = list[tuple[CompressedLinear, MatrixReport]]  # per member of a job
+Solved = list[tuple[nn.Module, MatrixReport]]  # per member of a job: its module (compressed, or kept dense) and row
 
 
 def job_members(blocks: list[int], name: str, adapter: Adapter) -> list[list[int]]:
@@ -70,7 +73,11 @@ def solve_jobs(jobs: list[Job], method: Method, options: SolverOptions, workers:
                on_done: Callable[[int], object]) -> dict[int, Solved]:
     """Solve every job, largest first, on `workers` threads with torch set to one thread
     each meanwhile (the solvers' many small operations use cores better side by side);
-    id(job) -> its Solved. on_done(count) is called with each finished job's member count."""
+    id(job) -> its Solved. on_done(count) is called with each finished job's member count.
+    When the main thread is interrupted (Ctrl-C) or a job fails, the jobs not started are
+    cancelled and the running ones stopped (_Running.stop), so the error goes up at once;
+    the solvers write no files, and no worker outlives the call. The main thread waits in
+    short slices: a signal that lands just before it blocks is seen within POLL seconds."""
     order = sorted(jobs, key=lambda job: job.size, reverse=True)
     out: dict[int, Solved] = {}
     if workers == 1:
@@ -80,22 +87,66 @@ def solve_jobs(jobs: list[Job], method: Method, options: SolverOptions, workers:
         return out
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
+    pool, running = ThreadPoolExecutor(max_workers=workers), _Running()
     try:
-        with ThreadPoolExecutor(max_workers=workers) as pool:
-            futures = {pool.submit(solve_job, job, method, options): job for job in order}
-            for future in as_completed(futures):
+        futures = {pool.submit(running.call, solve_job, job, method, options): job for job in order}
+        pending = set(futures)
+        while pending:
+            done, pending = wait(pending, timeout=POLL, return_when=FIRST_COMPLETED)
+            for future in done:
                 job = futures[future]
                 out[id(job)] = future.result()
                 on_done(len(job.members))
         return out
+    except BaseException:
+        pool.shutdown(wait=False, cancel_futures=True)  # the jobs not started never start
+        running.stop()
+        raise
     finally:
-        torch.set_num_threads(threads)
+        try:
+            pool.shutdown(wait=True)  # quick: every job has finished or been stopped
+        finally:
+            torch.set_num_threads(threads)
+
+
+class _Stopped(BaseException):
+    """Raised inside a worker whose job an abandoned solve_jobs stops."""
+
+
+class _Running:
+    """The worker threads now inside a job. stop() raises _Stopped in each of them at its
+    next Python line (CPython's PyThreadState_SetAsyncExc; torch calls finish first, and
+    the solvers' loops return to Python every few milliseconds): without it an interrupted
+    run would wait for every running matrix to finish, seconds to minutes. A thread counts
+    as running until it leaves `call` under the lock, so the exception is always raised
+    inside `call`, never in the executor's own loop."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.threads: set[int] = set()
+
+    def call(self, fn: Callable[..., Any], *args: Any) -> Any:
+        ident = threading.get_ident()
+        with self.lock:
+            self.threads.add(ident)
+        try:
+            return fn(*args)
+        finally:
+            with self.lock:
+                self.threads.discard(ident)
+
+    def stop(self) -> None:
+        with self.lock:
+            for ident in self.threads:
+                ctypes.pythonapi.PyThreadState_SetAsyncExc(ctypes.c_ulong(ident), ctypes.py_object(_Stopped))
 
 
 def solve_job(job: Job, method: Method, options: SolverOptions) -> Solved:
     """Factorize a job's m linears (one shared left factor when m > 1): per member, its
     compressed replacement and report row. A shared factor's storage and solve time are
     split evenly over the members, so sums over the report count it once."""
+    if job.ratio == 0:
+        return [(linear, dense_row(block, name, linear)) for (block, name), linear in zip(job.members, job.linears)]
     weights = [linear.weight.detach().T for linear in job.linears]  # (d1, d2) = (in, out)
     d1, d2 = weights[0].shape
     m = len(weights)
@@ -111,3 +162,11 @@ def solve_job(job: Job, method: Method, options: SolverOptions) -> Solved:
         seconds=share(seconds), rank=getattr(budget, "rank", None), atoms=getattr(budget, "atoms", None),
         sparsity=getattr(budget, "sparsity", None), members=m, shared=job.shared))
         for (block, name), module, gram, weight, factor in zip(job.members, modules, job.grams, weights, factors)]
+
+
+def dense_row(block: int, name: str, linear: nn.Linear) -> MatrixReport:
+    """The report row of a linear an allocation keeps dense (ratio 0): all its numbers
+    stored, no error."""
+    d1, d2 = linear.in_features, linear.out_features
+    return MatrixReport(layer=block, name=name, d1=d1, d2=d2, ratio=0.0, effective_params=float(d1 * d2),
+                        storage_words=float(d1 * d2), output_error=0.0, seconds=0.0)

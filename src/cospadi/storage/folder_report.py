@@ -6,6 +6,7 @@ from collections import defaultdict
 
 from torch import nn
 
+from ..allocation import ratio_grid
 from ..layers.base import compressed_modules
 
 
@@ -66,4 +67,19 @@ def render_report(model: nn.Module, report: dict, coef_bits: int | None) -> str:
         known = [e for _, e in items if e is not None]
         error = f"{sum(known) / len(known):.4f}" if known else "-"
         lines.append(f"| {kind} | {len(items)} | {'; '.join(shapes)} | {error} |")
+    lines += _ratio_table(report)
     return "\n".join(lines) + "\n"
+
+
+def _ratio_table(report: dict) -> list[str]:
+    """REPORT.md's per-matrix ratios (blocks x kinds; 0 = kept dense) when the run
+    allocated them per matrix; nothing for a uniform run."""
+    allocation = report.get("allocation") or {}
+    if allocation.get("allocation", "uniform") == "uniform" or not report.get("matrices"):
+        return []
+    blocks, kinds, grid = ratio_grid(report["matrices"])
+    lines = ["", f"## Per-matrix ratios ({allocation['allocation']}, cost {allocation.get('cost')}; 0 = kept dense)",
+             "", "| block | " + " | ".join(kinds) + " |", "|---|" + "---|" * len(kinds)]
+    lines += [f"| {block} | " + " | ".join("-" if r is None else f"{r:g}" for r in row) + " |"
+              for block, row in zip(blocks, grid)]
+    return lines

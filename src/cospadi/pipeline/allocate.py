@@ -1,0 +1,73 @@
+"""The allocation step before compression: profile (or read the cached profile), measure
+sensitivities when the cost needs them, and solve the knapsack for one ratio per job
+(docs/allocation.md). `uniform` needs none of it."""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from transformers import PreTrainedModel
+
+from ..allocation import DEFAULT_COST, check_allocation, knapsack_ratios
+from ..devices import resolve_device
+from .profile import DEFAULT_GRID, Profile, profile_key, profile_model, read_cached, write_cached
+from .run import Recipe
+from .sensitivity import output_sensitivities
+
+
+@dataclass
+class Allocation:
+    """What the allocation step decided: the per-matrix `ratios` (None: uniform) and how:
+    `allocation`, `cost`, `seconds` spent here (profiling included), whether the profile
+    came from the cache, and the profile itself."""
+
+    allocation: str
+    cost: str | None = None
+    ratios: dict[tuple[int, str], float] | None = None
+    seconds: float = 0.0
+    cached: bool = False
+    profile: Profile | None = None
+
+    def summary(self) -> dict:
+        """JSON-ready: the report's `allocation` entry."""
+        return {"allocation": self.allocation, "cost": self.cost, "seconds": self.seconds, "cached_profile": self.cached,
+                "profile_seconds": self.profile.seconds if self.profile else None}
+
+
+def allocate(model: PreTrainedModel, input_ids: torch.Tensor, recipe: Recipe, allocation: str = "uniform",
+             cost: str = DEFAULT_COST, *, cache: str | Path | None = None, batch_size: int = 8,
+             device: str | torch.device | None = None, progress: bool = True) -> Allocation:
+    """The per-matrix ratios for `recipe` (its method, ratio, options and group size) on
+    `model` calibrated with `input_ids` (N, L): uniform, or the knapsack over a profile
+    read from (or written to) `cache` (None: not cached) under `cost`."""
+    check_allocation(allocation, cost)
+    if allocation == "uniform":
+        return Allocation("uniform")
+    start = time.perf_counter()
+    profile, cached = _profile(model, input_ids, recipe, cache, batch_size, device, progress, cost == "fisher")
+    ratios = knapsack_ratios(profile.jobs, recipe.ratio, cost)
+    return Allocation(allocation, cost, ratios, time.perf_counter() - start, cached, profile)
+
+
+def _profile(model: PreTrainedModel, input_ids: torch.Tensor, recipe: Recipe, cache: str | Path | None,
+             batch_size: int, device: str | torch.device | None, progress: bool,
+             sensitive: bool) -> tuple[Profile, bool]:
+    """The profile (with sensitivities when `sensitive`) and whether it was read from `cache`."""
+    folder = Path(cache) if cache is not None else None
+    key = profile_key(model, input_ids, recipe.method, recipe.options, recipe.group_size, DEFAULT_GRID, batch_size) \
+        if folder is not None else ""
+    profile = read_cached(folder, key) if folder is not None else None
+    cached = profile is not None
+    if profile is None:
+        profile = profile_model(model, input_ids, recipe.method, recipe.options, recipe.group_size, DEFAULT_GRID,
+                                batch_size=batch_size, device=resolve_device(device), progress=progress)
+    if sensitive and any(job.sensitivity is None for job in profile.jobs):
+        values = output_sensitivities(model, input_ids)
+        for job in profile.jobs:
+            job.sensitivity = sum(values[m] for m in job.members) / len(job.members)
+        cached = False
+    if folder is not None and not cached:
+        write_cached(folder, key, profile)
+    return profile, cached
