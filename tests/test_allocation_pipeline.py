@@ -66,7 +66,10 @@ def test_profile_is_reused_across_ratios_and_costs(tiny_llama, tiny_ids, tmp_pat
         _, report = api.compress(tiny_llama(2), None, input_ids=tiny_ids, method="svd-llm", ratio=ratio,
                                  allocation="knapsack", cost=cost, profile_cache=str(tmp_path), progress=False)
     assert calls == [1]
-    assert report.allocation["cached_profile"] is True  # the fisher sensitivities were cached with it
+    summary = report.allocation
+    assert summary["cached_profile"] is True  # the fisher sensitivities were cached with it
+    assert summary["reused_seconds"] == pytest.approx(summary["profile_seconds"] + summary["sensitivity_seconds"])
+    assert summary["sensitivity_seconds"] > 0
 
 
 def test_knapsack_run_resumes_and_its_folder_refuses_a_uniform_run(tiny_llama, tiny_ids, tmp_path):

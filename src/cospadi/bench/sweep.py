@@ -208,7 +208,8 @@ def table_rows(rows: list[dict]) -> list[dict]:
                     "token ppl": r["token_ppl"], "x dense": r["token_ppl"] / dense,
                     "word ppl": r.get("word_ppl", "-"),
                     "last-word acc": _accuracy(r),
-                    "time (s)": round(r["seconds"]) if "seconds" in r else "-"})
+                    "time (s)": round(r["seconds"] + (r.get("allocation") or {}).get("reused_seconds", 0.0))
+                    if "seconds" in r else "-"})
     return out
 
 
@@ -253,6 +254,6 @@ def describe(sweep: Sweep, command: str, rows: list[dict] | None = None) -> str:
             f"iters={o.iters}, sweeps={o.sweeps}, power_iters={o.power_iters}{sharing}. "
             f"Ratios: eff. = eq. 11, storage = eq. 10 with the bitmask, over the compressed linears, then over the "
             f"whole model (embeddings stay dense); shared factors count once. Time: compression wall time "
-            f"(calibration + solving; for +knapsack also profiling, measured once per method and reused from the cache at "
-            f"the other ratios, and the {sweep.cost} cost). {torch.get_num_threads()} CPU threads.\n\n"
+            f"(calibration + solving; for +knapsack also the whole profiling for the {sweep.cost} cost, measured once per "
+            f"method and added to the cells that reused it from the cache). {torch.get_num_threads()} CPU threads.\n\n"
             f"Reproduce: `{command}`\n")

@@ -20,20 +20,25 @@ from .sensitivity import output_sensitivities
 @dataclass
 class Allocation:
     """What the allocation step decided: the per-matrix `ratios` (None: uniform) and how:
-    `allocation`, `cost`, `seconds` spent here (profiling included), whether the profile
+    `allocation`, `cost`, `seconds` spent here, `reused_seconds` the profiling time saved
+    by the cache (the time a run without the cache would add), whether the whole profile
     came from the cache, and the profile itself."""
 
     allocation: str
     cost: str | None = None
     ratios: dict[tuple[int, str], float] | None = None
     seconds: float = 0.0
+    reused_seconds: float = 0.0
     cached: bool = False
     profile: Profile | None = None
 
     def summary(self) -> dict:
         """JSON-ready: the report's `allocation` entry."""
-        return {"allocation": self.allocation, "cost": self.cost, "seconds": self.seconds, "cached_profile": self.cached,
-                "profile_seconds": self.profile.seconds if self.profile else None}
+        profile = self.profile
+        return {"allocation": self.allocation, "cost": self.cost, "seconds": self.seconds,
+                "reused_seconds": self.reused_seconds, "cached_profile": self.cached,
+                "profile_seconds": profile.seconds if profile else None,
+                "sensitivity_seconds": profile.sensitivity_seconds if profile and self.cost == "fisher" else None}
 
 
 def allocate(model: PreTrainedModel, input_ids: torch.Tensor, recipe: Recipe, allocation: str = "uniform",
@@ -46,28 +51,33 @@ def allocate(model: PreTrainedModel, input_ids: torch.Tensor, recipe: Recipe, al
     if allocation == "uniform":
         return Allocation("uniform")
     start = time.perf_counter()
-    profile, cached = _profile(model, input_ids, recipe, cache, batch_size, device, progress, cost == "fisher")
+    profile, reused = _profile(model, input_ids, recipe, cache, batch_size, device, progress, cost == "fisher")
     ratios = knapsack_ratios(profile.jobs, recipe.ratio, cost)
-    return Allocation(allocation, cost, ratios, time.perf_counter() - start, cached, profile)
+    full = profile.seconds + (profile.sensitivity_seconds if cost == "fisher" else 0.0)
+    return Allocation(allocation, cost, ratios, time.perf_counter() - start, reused, reused == full, profile)
 
 
 def _profile(model: PreTrainedModel, input_ids: torch.Tensor, recipe: Recipe, cache: str | Path | None,
              batch_size: int, device: str | torch.device | None, progress: bool,
-             sensitive: bool) -> tuple[Profile, bool]:
-    """The profile (with sensitivities when `sensitive`) and whether it was read from `cache`."""
+             sensitive: bool) -> tuple[Profile, float]:
+    """The profile (with sensitivities when `sensitive`) and the seconds of it read from
+    `cache` rather than measured now."""
     folder = Path(cache) if cache is not None else None
     key = profile_key(model, input_ids, recipe.method, recipe.options, recipe.group_size, DEFAULT_GRID, batch_size) \
         if folder is not None else ""
     profile = read_cached(folder, key) if folder is not None else None
-    cached = profile is not None
+    reused, measured = (profile.seconds, False) if profile is not None else (0.0, True)
     if profile is None:
         profile = profile_model(model, input_ids, recipe.method, recipe.options, recipe.group_size, DEFAULT_GRID,
                                 batch_size=batch_size, device=resolve_device(device), progress=progress)
     if sensitive and any(job.sensitivity is None for job in profile.jobs):
+        start = time.perf_counter()
         values = output_sensitivities(model, input_ids)
         for job in profile.jobs:
             job.sensitivity = sum(values[m] for m in job.members) / len(job.members)
-        cached = False
-    if folder is not None and not cached:
+        profile.sensitivity_seconds, measured = time.perf_counter() - start, True
+    elif sensitive:
+        reused += profile.sensitivity_seconds
+    if folder is not None and measured:
         write_cached(folder, key, profile)
-    return profile, cached
+    return profile, reused

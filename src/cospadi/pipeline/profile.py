@@ -56,13 +56,15 @@ class JobProfile:
 
 @dataclass
 class Profile:
-    """Every job of a model for one method and group size; `seconds`: the pass's time."""
+    """Every job of a model for one method and group size; `seconds`: the pass's time,
+    `sensitivity_seconds`: the sensitivity pass's (0 until measured)."""
 
     method: str
     group_size: int
     grid: list[float]
     jobs: list[JobProfile] = field(default_factory=list)
     seconds: float = 0.0
+    sensitivity_seconds: float = 0.0
 
     def to_json(self) -> str:
         return json.dumps({"format": PROFILE_FORMAT, **asdict(self)})
