@@ -4,6 +4,7 @@ a folder of another run, a changed or unreadable file, or one of the old pickle 
 The folder holds safetensors and JSON only, and is read without pickles."""
 
 import json
+import os
 import shutil
 
 import pytest
@@ -235,3 +236,19 @@ def test_fingerprint_ignores_where_the_model_was_loaded_from(tmp_path, monkeypat
     assert run_fingerprint(relative, ids(), settings) == run_fingerprint(absolute, ids(), settings)
     half = build().to(torch.bfloat16)  # bf16 tensors are hashed by their bytes, and differ from float32
     assert run_fingerprint(half, ids(), settings) != run_fingerprint(build(), ids(), settings)
+
+
+def test_temporary_files_of_a_killed_run_are_removed_on_the_next(tmp_path, finished):
+    """A run killed with SIGKILL inside atomic_file leaves `.NAME.tmp-<pid>`; the next run
+    in the folder removes it when that process is gone, and keeps a live writer's."""
+    import subprocess
+    import sys
+
+    folder = copy_of(finished, tmp_path)
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    stale = folder / f".group-001.safetensors.tmp-{int(dead.stdout)}"
+    stale.write_bytes(b"half a file")
+    live = folder / f".progress.json.tmp-{os.getpid()}"
+    live.write_text("{")
+    compress(build(), folder)
+    assert not stale.exists() and live.exists()

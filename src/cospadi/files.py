@@ -201,6 +201,18 @@ def remove_stale_temporaries(out: Path) -> list[Path]:
     return found
 
 
+def remove_stale_temporary_files(folder: Path) -> list[Path]:
+    """Remove the `.NAME.tmp-<pid>` files atomic_file's writers left in `folder` when
+    killed (process <pid> gone). Returns what was removed."""
+    found = []
+    for path in folder.glob(".*.tmp-*") if folder.is_dir() else []:
+        pid = path.name.rpartition(".tmp-")[2]
+        if pid.isdigit() and path.is_file() and not path.is_symlink() and not _alive(int(pid)):
+            path.unlink(missing_ok=True)
+            found.append(path)
+    return found
+
+
 def _glob_escape(name: str) -> str:
     """`name` with the glob metacharacters * ? [ matched literally."""
     return re.sub(r"([*?\[])", r"[\1]", name)

@@ -32,7 +32,7 @@ from torch import nn
 from transformers import PreTrainedModel
 
 from .errors import CospadiError
-from .files import atomic_file, file_sha256
+from .files import atomic_file, file_sha256, remove_stale_temporary_files
 from .layers.base import compressed_modules
 from .report import MatrixReport
 from .storage.config import replace_modules
@@ -72,6 +72,8 @@ def check_resume_dir(folder: str | os.PathLike, create: bool = True) -> Path:
     existing = next(p for p in [path, *path.absolute().parents] if p.exists())
     if not os.access(existing, os.W_OK | os.X_OK):
         raise CospadiError(f"the --resume-dir {path} is not writable: choose a writable folder")
+    if create:
+        remove_stale_temporary_files(path)  # files a killed run was writing
     return path
 
 
