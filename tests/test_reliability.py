@@ -317,13 +317,33 @@ def flip_a_bit_inside_a_tensor(path) -> None:
     path.write_bytes(bytes(data))
 
 
-def test_saved_folders_record_the_sha256_of_every_weight_file(saved):
+def test_saved_folders_record_the_sha256_of_every_file(saved):
     for folder in saved.values():
         sums = json.loads((folder / "cospadi.json").read_text())["checksums"]
         shards = sorted(p.name for p in folder.glob("*.safetensors"))
-        assert sorted(sums) == shards and (len(shards) >= 2) == (folder.name == "sharded")
+        others = sorted(p.name for p in folder.iterdir() if p.suffix != ".safetensors"
+                        and p.name not in ("cospadi.json", "REPORT.md"))
+        assert "config.json" in others and sorted(sums) == sorted(shards + others)
+        assert (len(shards) >= 2) == (folder.name == "sharded")
         for name, digest in sums.items():
             assert hashlib.sha256((folder / name).read_bytes()).hexdigest() == digest
+
+
+@pytest.mark.parametrize("name", ["config.json", "generation_config.json", "cospadi.json"])
+def test_a_flipped_bit_in_a_json_file_is_refused_by_both_routes(name, saved, tmp_path):
+    """One flipped bit turning a digit into another keeps the JSON valid, so only the
+    checksums (and cospadi.json's own digest) can see it."""
+    folder = shutil.copytree(saved["single"], tmp_path / "json")
+    data = bytearray((folder / name).read_bytes())
+    position = next(i for i in range(len(data) // 2, len(data)) if chr(data[i]) in "2345")
+    data[position] ^= 0x01
+    (folder / name).write_bytes(bytes(data))
+    json.loads(data)  # still valid
+    pattern = rf"{name} is damaged"
+    with pytest.raises(CospadiError, match=pattern):
+        cospadi.load(folder)
+    with pytest.raises(CospadiError, match=pattern):
+        AutoModelForCausalLM.from_pretrained(folder)
 
 
 @pytest.mark.parametrize("name", ["single", "sharded"])
@@ -344,16 +364,17 @@ def test_load_hashes_each_file_once(saved, monkeypatch):
     real = folder_checks.file_sha256
     monkeypatch.setattr(folder_checks, "file_sha256", lambda path: calls.append(path.name) or real(path))
     cospadi.load(saved["sharded"])
-    assert sorted(calls) == sorted(p.name for p in saved["sharded"].glob("*.safetensors"))
+    recorded = sorted(json.loads((saved["sharded"] / "cospadi.json").read_text())["checksums"])
+    assert sorted(calls) == recorded
     calls.clear()
     AutoModelForCausalLM.from_pretrained(saved["sharded"])  # the quantizer checks on its own
-    assert len(calls) == len(list(saved["sharded"].glob("*.safetensors")))
+    assert sorted(calls) == recorded
 
 
 def test_folders_without_checksums_still_load(saved, tmp_path):
     folder = shutil.copytree(saved["single"], tmp_path / "old")
     description = json.loads((folder / "cospadi.json").read_text())
-    del description["checksums"]  # as the previous version wrote it
+    del description["checksums"], description["digest"]  # as the previous version wrote it
     (folder / "cospadi.json").write_text(json.dumps(description))
     flip_a_bit_inside_a_tensor(folder / "model.safetensors")  # no check possible: it loads
     cospadi.load(folder)
@@ -366,7 +387,7 @@ def test_an_unlisted_file_or_garbled_description_is_refused(saved, tmp_path):
     folder = shutil.copytree(saved["single"], tmp_path / "mixed")
     description = json.loads((folder / "cospadi.json").read_text())
     description["checksums"] = {"other.safetensors": "0" * 64}
-    (folder / "cospadi.json").write_text(json.dumps(description))
+    (folder / "cospadi.json").write_text(json.dumps(folder_checks.with_digest(description)))
     with pytest.raises(CospadiError, match="model.safetensors is not listed in the checksums"):
         cospadi.load(folder)
     (folder / "cospadi.json").write_text("{not json")

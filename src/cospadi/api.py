@@ -21,6 +21,7 @@ from .methods import get_method
 from .models import needs_bos
 from .pipeline import Recipe, check_recipe, compress_blocks
 from .pipeline.allocate import allocate
+from .pruning.plan import is_depth_method
 from .report import CompressionReport
 from .solvers import SolverOptions
 
@@ -74,8 +75,19 @@ def compress(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, texts: 
     numbers still (1 - ratio) of the dense ones (docs/allocation.md); the profile is
     cached under `profile_cache` (None: not cached). `ratios` gives the map directly.
     The report's seconds include the allocation's.
+    Depth pruning (docs/pruning.md): method "replaceme" cuts round(ratio x blocks)
+    consecutive blocks and merges a fitted linear map into the block before the cut;
+    "replaceme+M" / "replacemeK+M" cut a few blocks (K) and compress the rest with method M,
+    `ratio` being the total removed fraction of the linear weights.
     """
     check_ratio(ratio)
+    if is_depth_method(method):  # replaceme[K][+method]: pruning/ cuts blocks, then calls back here for the rest
+        from .pruning.compress import compress_depth
+
+        return compress_depth(model, tokenizer, texts, input_ids=input_ids, method=method, ratio=ratio,
+                              calib_samples=calib_samples, seq_len=seq_len, batch_size=batch_size, progress=progress,
+                              workers=workers, group_size=group_size, resume_dir=resume_dir, device=device,
+                              ratios=ratios, allocation=allocation, cost=cost, profile_cache=profile_cache, **solver)
     group_size = resolve_group_size(get_method(method), group_size)
     options = SolverOptions(**solver)  # type: ignore[arg-type]
     if input_ids is None:

@@ -30,15 +30,15 @@ from .devices import resolve_device, visiting
 from .errors import CospadiError
 from .evaluation.perplexity import perplexity
 from .files import atomic_file, check_output_file, check_output_folder
-from .groups import resolve_group_size
 from .layers.base import compressed_modules
-from .methods import get_method, method_names
+from .methods import method_names
 from .models import cache_dir, load_model
-from .pipeline import Recipe, check_recipe
+from .pruning.plan import check_plan, resolve_method_group_size
+from .pruning.save import save_model
 from .report import CompressionReport, peak_rss_mb, results_table
 from .resume import check_resume_dir
 from .storage import export
-from .storage.checkpoint import DTYPES, parse_dtype, save
+from .storage.checkpoint import DTYPES, parse_dtype
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -47,12 +47,14 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     c = sub.add_parser("compress", help="compress a model and report ratio, perplexity, time and memory")
     add_text_args(c)
-    c.add_argument("--method", default="cospadi", help=f"one of {', '.join(method_names())}")
+    c.add_argument("--method", default="cospadi", help=f"one of {', '.join(method_names())}; or depth pruning "
+                   "(docs/pruning.md): replaceme, replaceme+M (M one of those), replacemeK+M (cut K blocks, then M)")
     c.add_argument("--group-size", type=int, default=None,
                    help="consecutive blocks whose q/k/v/gate/up share one dictionary (cospadi) or basis "
                         "(basis-sharing); o/down stay per layer (default: 2 for basis-sharing, else 1 = per layer; "
                         "paper: 2); a last group is shorter when it does not divide the blocks")
-    c.add_argument("--ratio", type=float, default=0.3, help="fraction of each linear's weights removed, in (0, 1)")
+    c.add_argument("--ratio", type=float, default=0.3, help="fraction of each linear's weights removed, in (0, 1) "
+                   "(replaceme: of all linear weights, in whole blocks)")
     add_solver_args(c)
     add_allocation_args(c)
     c.add_argument("--profile-cache", default="auto",
@@ -100,7 +102,6 @@ def run_compress(args: argparse.Namespace) -> list[dict]:
     """Validate everything cheap first, then load, evaluate, compress, evaluate, save."""
     check_ratio(args.ratio)
     options = solver_options(args)
-    method = get_method(args.method)
     if args.eval_windows < 0:
         raise CospadiError(f"--eval-windows {args.eval_windows} must be 0 (skip) or more")
     for name in ("calib_samples", "seq_len", "batch_size"):
@@ -108,7 +109,7 @@ def run_compress(args: argparse.Namespace) -> list[dict]:
     parse_dtype(args.dtype)
     _check_outputs(args)
     device = resolve_device(args.device)
-    group_size = resolve_group_size(method, args.group_size)
+    group_size = resolve_method_group_size(args.method, args.group_size)
     calib_texts, eval_texts = load_corpus(args.data)
     model, tokenizer = load_model(args.model)
     check_seq_len(model, args.seq_len)
@@ -116,7 +117,7 @@ def run_compress(args: argparse.Namespace) -> list[dict]:
         raise CospadiError(f"model {args.model} is already compressed (a cospadi output folder); compress its dense "
                            f"original, or make a dense model of it with `cospadi export --dense {args.model} OUT` "
                            "and compress that")
-    check_recipe(model, Recipe(args.method, args.ratio, options, group_size))  # before the minutes of dense evaluation
+    check_plan(model, args.method, args.ratio, options, group_size)  # before the minutes of dense evaluation
     ids = api.calibration_ids(model, tokenizer, calib_texts, args.calib_samples, args.seq_len, args.seed)
     windows = api.evaluation_ids(model, tokenizer, eval_texts, args.seq_len, args.eval_windows) \
         if args.eval_windows else None
@@ -130,8 +131,8 @@ def run_compress(args: argparse.Namespace) -> list[dict]:
     ppl = _evaluate(model, windows, device, args, "compressed perplexity")
     row = _row(report, dense_ppl, ppl)
     if args.out is not None:
-        save(model, tokenizer, args.out, {"summary": row, **report.to_dict()}, dtype=args.dtype,
-             coef_bits=args.coef_bits, overwrite=args.overwrite)
+        save_model(model, tokenizer, args.out, {"summary": row, **report.to_dict()}, dtype=args.dtype,
+                   coef_bits=args.coef_bits, overwrite=args.overwrite)
     if args.json is not None:
         with atomic_file(args.json) as tmp:
             tmp.write_text(json.dumps({"summary": row, "report": report.to_dict()}, indent=1))

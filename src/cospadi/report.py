@@ -45,7 +45,10 @@ class MatrixReport:
 class CompressionReport:
     """A whole run. dense_params counts every unique parameter of the dense model;
     the compressed model keeps all of them except the compressed linears' weights.
-    group_size: consecutive blocks sharing q/k/v/gate/up factors (1: per layer)."""
+    group_size: consecutive blocks sharing q/k/v/gate/up factors (1: per layer).
+    pruned: the decoder blocks a depth-pruning run cut (pruning/run.py `Pruned.to_dict`;
+    empty: none): their target linears' weights (`linear_params`) count as removed linear
+    weights and all their parameters (`params`) as removed from the model."""
 
     method: str
     ratio: float
@@ -57,10 +60,18 @@ class CompressionReport:
     calibration: dict = field(default_factory=dict)
     group_size: int = 1
     allocation: dict = field(default_factory=lambda: {"allocation": "uniform"})  # pipeline/allocate.py summary
+    pruned: dict = field(default_factory=dict)
 
     @property
     def linear_params(self) -> int:
-        return sum(m.d1 * m.d2 for m in self.matrices)
+        """Dense weights of the target linears: the reported matrices' and the cut blocks'."""
+        return sum(m.d1 * m.d2 for m in self.matrices) + int(self.pruned.get("linear_params", 0))
+
+    @property
+    def _kept_rest(self) -> int:
+        """Parameters kept as they were: all but the target linears and the cut blocks."""
+        cut_rest = int(self.pruned.get("params", 0)) - int(self.pruned.get("linear_params", 0))
+        return self.dense_params - self.linear_params - cut_rest
 
     @property
     def linear_ratios(self) -> dict[str, float]:
@@ -71,14 +82,14 @@ class CompressionReport:
     @property
     def model_ratios(self) -> dict[str, float]:
         """Both accountings over all parameters (embeddings, norms, biases included)."""
-        rest = self.dense_params - self.linear_params
+        rest = self._kept_rest
         return ratios(self.dense_params, rest + sum(m.effective_params for m in self.matrices),
                       rest + sum(m.storage_words for m in self.matrices))
 
     @property
     def compressed_params(self) -> int:
         """Parameters the compressed model stores (eq. 11 counting, shared factors once)."""
-        return round(self.dense_params - self.linear_params + sum(m.effective_params for m in self.matrices))
+        return round(self._kept_rest + sum(m.effective_params for m in self.matrices))
 
     def to_dict(self) -> dict:
         """A JSON-ready dict with the derived ratios included."""

@@ -14,7 +14,8 @@ PANELS = (("token_ppl", "token perplexity", True), ("word_ppl", "word perplexity
           ("lastword_acc", "last-word accuracy", False))
 OFF_SCALE = 1000.0  # log panels end at this multiple of the dense value; higher points sit on the edge
 STYLES = {"svd": ("tab:gray", "x"), "svd-llm": ("tab:blue", "s"), "basis-sharing": ("tab:green", "^"),
-          "cospadi": ("tab:orange", "o"), "cospadi-group": ("tab:red", "D")}
+          "cospadi": ("tab:orange", "o"), "cospadi-group": ("tab:red", "D"), "replaceme": ("tab:purple", "v"),
+          "replaceme+cospadi": ("tab:brown", "P")}
 
 
 def check_matplotlib() -> None:

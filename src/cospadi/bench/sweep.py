@@ -25,6 +25,7 @@ from ..files import atomic_file
 from ..groups import check_group_size
 from ..methods import REGISTRY, get_method
 from ..models import load_model
+from ..pruning.plan import parse_depth_method, uses_solver_options
 from ..solvers import SolverOptions
 
 
@@ -50,11 +51,20 @@ KNAPSACK = "+knapsack"  # a label's suffix: the method with per-matrix ratios fr
 
 def parse_label(label: str) -> tuple[str, bool, str]:
     """bench label -> (method, shares across a group of blocks, allocation); a label is
-    one of BENCH_METHODS, optionally followed by "+knapsack". CospadiError otherwise."""
+    one of BENCH_METHODS or a depth-pruning name (replaceme, replaceme+M, replacemeK+M:
+    pruning/plan.py), optionally followed by "+knapsack" (not plain replaceme).
+    CospadiError otherwise."""
     base, allocation = (label[:-len(KNAPSACK)], "knapsack") if label.endswith(KNAPSACK) else (label, "uniform")
+    depth = parse_depth_method(base)
+    if depth is not None:
+        if depth.rest is None and allocation != "uniform":
+            raise CospadiError(f"{label!r}: replaceme cuts whole blocks and has no per-matrix ratios; use "
+                               f"replaceme+cospadi{KNAPSACK}")
+        return base, False, allocation
     if base not in BENCH_METHODS:
         raise CospadiError(f"unknown method {label!r} for bench; choose from: {', '.join(BENCH_METHODS)}, each "
-                           f"optionally with {KNAPSACK} (e.g. cospadi{KNAPSACK})")
+                           f"optionally with {KNAPSACK} (e.g. cospadi{KNAPSACK}), or replaceme, replaceme+M, "
+                           "replacemeK+M (depth pruning, docs/pruning.md)")
     return (*BENCH_METHODS[base], allocation)
 
 
@@ -99,7 +109,7 @@ class Sweep:
         method, grouped, allocation = parse_label(label)
         o = self.options
         solver = (f"-rho{o.rho:g}-{o.solver}-{o.init}-r{o.rounds}-it{o.iters}-sw{o.sweeps}-p{o.power_iters}-{o.coder}"
-                  if get_method(method).uses_solver_options else "")
+                  if uses_solver_options(method) else "")
         cost = f"-{self.cost}" if allocation != "uniform" else ""
         return f"{label}{f'-g{self.group_size}' if grouped else ''}{solver}{cost}-{ratio:g}.json"
 
@@ -245,7 +255,7 @@ def describe(sweep: Sweep, command: str, rows: list[dict] | None = None) -> str:
     if sweep.lastword_examples:
         evals.append(f"last-word accuracy ± binomial standard error (lm-eval `{LASTWORD}`, LAMBADA-style, "
                      f"{dense.get('lastword_n', sweep.lastword_examples)} passages from held-out documents)")
-    grouped = [m for m in sweep.methods if BENCH_METHODS[m][1]]
+    grouped = [m for m in sweep.methods if parse_label(m)[1]]
     sharing = (f"; {', '.join(grouped)} share q/k/v/gate/up across groups of {sweep.group_size} consecutive "
                "blocks (o/down per layer)") if grouped else ""
     measured = "; ".join([f"token perplexity on {sweep.eval_windows} x {sweep.seq_len} held-out tokens"] + evals)

@@ -6,8 +6,10 @@ run's full report) and `REPORT.md` (a short human-readable summary). config.json
 a `quantization_config` with `quant_method: "cospadi"` and every compressed module's
 spec (config.py), so after `import cospadi` plain
 `AutoModelForCausalLM.from_pretrained(folder)` rebuilds the model; `load` does the same
-after checking the folder. cospadi.json also records the sha256 of every weight file;
-both routes refuse a file that no longer matches (older folders have none: not checked).
+after checking the folder. cospadi.json also records the sha256 of every file saved
+with the model (weights, config, tokenizer; not REPORT.md, which is for people) and a
+digest of itself; both routes refuse a file that no longer matches (older folders have
+none: not checked).
 Folders are written under a temporary name and renamed into place, so a failed or
 interrupted save never leaves a half-written folder; an existing folder is replaced only
 when it is an earlier cospadi output and overwrite=True (files.py)."""
@@ -27,7 +29,7 @@ from ..layers.base import compressed_modules
 from ..layers.coefficients import check_coef_bits
 from ..models import held_load_warnings, release
 from .config import FORMAT_VERSION, CospadiConfig
-from .folder_checks import DESCRIPTION, check_folder, verified, weight_files
+from .folder_checks import DESCRIPTION, check_folder, recorded_checksums, verified, weight_files, with_digest
 from .folder_report import render_report
 from .sharing import declared_for_saving
 
@@ -105,10 +107,11 @@ def save(model: PreTrainedModel, tokenizer, out_dir: str | os.PathLike, report: 
             model.save_pretrained(tmp, **kwargs)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
-        checksums = {path.name: file_sha256(path) for path in weight_files(tmp)}
-        description = {"format_version": FORMAT_VERSION, "checksums": checksums, "report": report}
-        (tmp / DESCRIPTION).write_text(json.dumps(description, indent=1))
         (tmp / REPORT).write_text(render_report(model, report, bits))
+        checksums = {path.name: file_sha256(path) for path in sorted(tmp.iterdir())
+                     if path.is_file() and path.name not in (DESCRIPTION, REPORT)}
+        description = {"format_version": FORMAT_VERSION, "checksums": checksums, "report": report}
+        (tmp / DESCRIPTION).write_text(json.dumps(with_digest(description), indent=1))
     return Path(out_dir)
 
 
@@ -122,7 +125,8 @@ def load(path: str | os.PathLike, dtype: torch.dtype | str | None = None) -> tup
     check_folder(folder)
     torch_dtype = parse_dtype(dtype) or "auto"
     try:
-        with verified(weight_files(folder)), held_load_warnings() as held:  # the quantizer need not hash again
+        checked = weight_files(folder) + [folder / name for name in recorded_checksums(folder) or {}]
+        with verified(checked), held_load_warnings() as held:  # the quantizer need not hash again
             model, info = AutoModelForCausalLM.from_pretrained(folder, dtype=torch_dtype, output_loading_info=True,
                                                                ignore_mismatched_sizes=True)  # reported below
     except CospadiError:

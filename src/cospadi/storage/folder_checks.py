@@ -6,6 +6,7 @@ differs from the one cospadi.json recorded at save time. find_damage names the f
 damaged file of any model folder (plain ones too) for loaders that failed."""
 from __future__ import annotations
 
+import hashlib
 import json
 import struct
 from collections.abc import Iterator, Sequence
@@ -157,6 +158,13 @@ def check_module_tensors(entry: dict, headers: list[dict]) -> None:
                                    f"{list(expected)}; the folder is corrupt or mixed from two runs: compress again")
 
 
+def with_digest(description: dict) -> dict:
+    """`description` (cospadi.json's content) with `digest`, the sha256 of the rest in
+    canonical JSON, so a change anywhere in cospadi.json is seen."""
+    rest = {k: v for k, v in description.items() if k != "digest"}
+    return {**rest, "digest": hashlib.sha256(json.dumps(rest, sort_keys=True).encode()).hexdigest()}
+
+
 def recorded_checksums(folder: Path) -> dict[str, str] | None:
     """The `checksums` (file name -> sha256) that cospadi.json of `folder` recorded at
     save time; None when there is no cospadi.json or it has none (folders saved by an
@@ -165,10 +173,14 @@ def recorded_checksums(folder: Path) -> dict[str, str] | None:
     if not path.is_file():
         return None
     try:
-        sums = json.loads(path.read_text()).get("checksums")
+        description = json.loads(path.read_text())
+        sums = description.get("checksums")
     except (json.JSONDecodeError, UnicodeDecodeError, AttributeError):
         raise CospadiError(f"{path} is not a valid cospadi description; the folder is corrupt: copy it again or "
                            "compress again") from None
+    if "digest" in description and with_digest(description)["digest"] != description["digest"]:
+        raise CospadiError(f"{path} is damaged (its digest does not match its content): copy it again or compress "
+                           "again")
     if sums is not None and not (isinstance(sums, dict) and all(isinstance(v, str) for v in sums.values())):
         raise CospadiError(f"{path} has an unreadable checksums entry; the folder is corrupt: copy it again or "
                            "compress again")
@@ -176,25 +188,37 @@ def recorded_checksums(folder: Path) -> dict[str, str] | None:
 
 
 def verify_checksums(paths: Sequence[str | Path]) -> None:
-    """CospadiError naming the first weight file whose sha256 differs from the one its
-    folder's cospadi.json recorded (or that it does not list); nothing is checked where
-    no checksums were recorded, nor for files the running `load` already verified."""
+    """CospadiError naming the first weight file of `paths`, or other recorded file of
+    their folders (config, tokenizer), whose sha256 differs from the one its folder's
+    cospadi.json recorded (or a weight file it does not list, a recorded file that is
+    gone); nothing is checked where no checksums were recorded, nor for files the running
+    `load` already verified."""
     skip = _VERIFIED.get()
     sums: dict[Path, dict[str, str] | None] = {}
     for path in map(Path, paths):
-        if path.resolve() in skip:
-            continue
         if path.parent not in sums:
             sums[path.parent] = recorded_checksums(path.parent)
+            others = [path.parent / n for n in sums[path.parent] or {} if not n.endswith(".safetensors")]
+            for other in others:
+                if other.resolve() not in skip:
+                    _verify_file(other, sums[path.parent] or {})
         recorded = sums[path.parent]
-        if recorded is None:
+        if recorded is None or path.resolve() in skip:
             continue
         if path.name not in recorded:
             raise CospadiError(f"{path} is not listed in the checksums of {DESCRIPTION}: the folder mixes files of "
                                "two saves; copy it again or compress again")
-        if file_sha256(path) != recorded[path.name]:
-            raise CospadiError(f"{path} is damaged (its sha256 differs from the one {DESCRIPTION} recorded at save "
-                               "time): copy it again or compress again")
+        _verify_file(path, recorded)
+
+
+def _verify_file(path: Path, recorded: dict[str, str]) -> None:
+    """CospadiError unless `path` exists with the sha256 `recorded` lists for it."""
+    if not path.is_file():
+        raise CospadiError(f"{path} is missing ({DESCRIPTION} recorded it at save time): copy the folder again or "
+                           "compress again")
+    if file_sha256(path) != recorded[path.name]:
+        raise CospadiError(f"{path} is damaged (its sha256 differs from the one {DESCRIPTION} recorded at save "
+                           "time): copy it again or compress again")
 
 
 @contextmanager
