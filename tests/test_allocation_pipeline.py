@@ -1,6 +1,7 @@
 """Per-matrix allocation through the pipeline, the API, resume, saved folders and the
 command line, on tiny random models."""
 
+import importlib.util
 import json
 
 import pytest
@@ -110,6 +111,8 @@ def test_knapsack_folder_reloads_and_reports_every_ratio(tiny_llama, tiny_ids, t
     assert len(table) == 2 and all(line.count("|") == 9 for line in table)
     saved = json.loads((out / "cospadi.json").read_text())
     assert sorted(m["ratio"] for m in saved["report"]["matrices"]) == sorted(m.ratio for m in report.matrices)
+    if importlib.util.find_spec("matplotlib"):  # the heatmap is saved, and checksummed, with the model
+        assert (out / "allocation.png").read_bytes()[:4] == b"\x89PNG" and "allocation.png" in saved["checksums"]
 
 
 def test_cli_knapsack_writes_the_heatmap_and_the_ratios(cli_files, tmp_path, printed_rows):

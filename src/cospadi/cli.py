@@ -141,13 +141,12 @@ def run_compress(args: argparse.Namespace) -> list[dict]:
 
 
 def _write_heatmap(args: argparse.Namespace, report: CompressionReport) -> None:
-    """A per-matrix allocation's heatmap next to the output: OUT/allocation.png with --out,
-    else <json>.allocation.png with --json; a note when matplotlib is missing."""
-    if report.allocation.get("allocation", "uniform") == "uniform" or (args.out is None and args.json is None):
+    """Without --out (whose folder holds allocation.png), a per-matrix allocation's heatmap
+    goes next to --json as <json>.allocation.png; a note when matplotlib is missing."""
+    if report.allocation.get("allocation", "uniform") == "uniform" or args.out is not None or args.json is None:
         return
-    path = Path(args.out) / "allocation.png" if args.out is not None else Path(args.json).with_suffix(".allocation.png")
     try:
-        plot_allocation([asdict(m) for m in report.matrices], path,
+        plot_allocation([asdict(m) for m in report.matrices], Path(args.json).with_suffix(".allocation.png"),
                         f"{report.method} at ratio {report.ratio:g}: per-matrix ratios ({report.allocation['cost']} cost)")
     except CospadiError as exc:  # matplotlib missing: the model and report are saved; say what was skipped
         print(f"note: no allocation heatmap: {exc}", file=sys.stderr)

@@ -7,8 +7,8 @@ a `quantization_config` with `quant_method: "cospadi"` and every compressed modu
 spec (config.py), so after `import cospadi` plain
 `AutoModelForCausalLM.from_pretrained(folder)` rebuilds the model; `load` does the same
 after checking the folder. cospadi.json also records the sha256 of every file saved
-with the model (weights, config, tokenizer; not REPORT.md, which is for people) and a
-digest of itself; both routes refuse a file that no longer matches (older folders have
+with it (weights, config, tokenizer, REPORT.md, the allocation heatmap) and a digest of
+itself; both routes refuse a file that no longer matches (older folders have
 none: not checked).
 Folders are written under a temporary name and renamed into place, so a failed or
 interrupted save never leaves a half-written folder; an existing folder is replaced only
@@ -30,10 +30,11 @@ from ..layers.coefficients import check_coef_bits
 from ..models import held_load_warnings, release
 from .config import FORMAT_VERSION, CospadiConfig
 from .folder_checks import DESCRIPTION, check_folder, recorded_checksums, verified, weight_files, with_digest
-from .folder_report import render_report
+from .folder_report import render_report, write_allocation_heatmap
 from .sharing import declared_for_saving
 
 REPORT = "REPORT.md"
+HEATMAP = "allocation.png"  # a per-matrix allocation's ratios, blocks x kinds (bench/plot.py)
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -108,8 +109,9 @@ def save(model: PreTrainedModel, tokenizer, out_dir: str | os.PathLike, report: 
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
         (tmp / REPORT).write_text(render_report(model, report, bits))
+        write_allocation_heatmap(report, tmp / HEATMAP)
         checksums = {path.name: file_sha256(path) for path in sorted(tmp.iterdir())
-                     if path.is_file() and path.name not in (DESCRIPTION, REPORT)}
+                     if path.is_file() and path.name != DESCRIPTION}
         description = {"format_version": FORMAT_VERSION, "checksums": checksums, "report": report}
         (tmp / DESCRIPTION).write_text(json.dumps(with_digest(description), indent=1))
     return Path(out_dir)

@@ -3,10 +3,12 @@ load it, for a person reading the folder (the machine-readable report is cospadi
 from __future__ import annotations
 
 from collections import defaultdict
+from pathlib import Path
 
 from torch import nn
 
 from ..allocation import ratio_grid
+from ..errors import CospadiError
 from ..layers.base import compressed_modules
 
 
@@ -83,3 +85,18 @@ def _ratio_table(report: dict) -> list[str]:
     lines += [f"| {block} | " + " | ".join("-" if r is None else f"{r:g}" for r in row) + " |"
               for block, row in zip(blocks, grid)]
     return lines
+
+
+def write_allocation_heatmap(report: dict, path: Path) -> Path | None:
+    """The heatmap of a per-matrix allocation's ratios (bench/plot.py plot_allocation) at
+    `path`, when the run allocated per matrix and matplotlib is installed; else None."""
+    allocation = report.get("allocation") or {}
+    if allocation.get("allocation", "uniform") == "uniform" or not report.get("matrices"):
+        return None
+    from ..bench.plot import plot_allocation
+
+    try:
+        return plot_allocation(report["matrices"], path, f"{report.get('method')} at ratio {report.get('ratio')}: "
+                               f"per-matrix ratios ({allocation.get('cost')} cost)")
+    except CospadiError:  # matplotlib missing: REPORT.md still has the table
+        return None
