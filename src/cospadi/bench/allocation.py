@@ -50,7 +50,7 @@ def compare_costs(model_name: str, data: str, methods: list[str], ratios: list[f
     ids = api.calibration_ids(model, tokenizer, calib_texts, calib_samples, seq_len, options.seed)
     valid = api.evaluation_ids(model, tokenizer, validation_texts, seq_len, windows)
     rows = [{"method": "dense", "ratio": 0.0, "allocation": "-",
-             "validation ppl": perplexity(model, valid, progress=progress), "seconds": 0.0}]
+             "validation ppl": perplexity(model, valid, progress=progress), "eff. ratio": 0.0, "seconds": 0.0}]
     for method in methods:
         for ratio in ratios:
             for allocation, cost in [("uniform", "-")] + [("knapsack", c) for c in COSTS]:
