@@ -39,12 +39,7 @@ def plot_sweep(rows: list[dict], path: str | Path, title: str) -> Path:
     Non-finite values (a diverged model) are left out of their line; on the log panels,
     values above OFF_SCALE x dense are drawn on the top edge and the legend says so.
     Returns the path."""
-    check_matplotlib()
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = _pyplot()
     dense, cells = rows[0], rows[1:]
     panels = [p for p in PANELS if dense.get(p[0]) is not None]
     fig, axes = plt.subplots(1, len(panels), figsize=(5.2 * len(panels), 4.2), squeeze=False)
@@ -72,6 +67,23 @@ def plot_sweep(rows: list[dict], path: str | Path, title: str) -> Path:
         ax.grid(True, which="both", alpha=0.3)
     axes[0][0].legend(fontsize=8)
     fig.suptitle(title, fontsize=10)
+    return _save_png(fig, path)
+
+
+def _pyplot():
+    """matplotlib.pyplot on the file-only Agg backend; CospadiError when matplotlib is missing."""
+    check_matplotlib()
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _save_png(fig, path: str | Path) -> Path:
+    """Lay out `fig`, write it to the PNG `path` atomically and close it; returns the path."""
+    plt = _pyplot()
     fig.tight_layout()
     path = Path(path)
     try:
@@ -86,11 +98,7 @@ def plot_allocation(matrices: list[dict], path: str | Path, title: str) -> Path:
     """The heatmap of report rows `matrices` (layer, name, ratio): blocks down, linear kinds
     across, colour = the fraction removed (0: kept dense), each cell labelled. Written
     atomically to the PNG `path`; returns it."""
-    check_matplotlib()
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = _pyplot()
     import numpy as np
 
     from ..allocation import ratio_grid
@@ -107,11 +115,4 @@ def plot_allocation(matrices: list[dict], path: str | Path, title: str) -> Path:
     ax.set_ylabel("block")
     fig.colorbar(image, ax=ax, label="ratio (fraction removed)")
     ax.set_title(title, fontsize=9)
-    fig.tight_layout()
-    path = Path(path)
-    try:
-        with atomic_file(path) as tmp:
-            fig.savefig(tmp, dpi=110, format="png")
-    finally:
-        plt.close(fig)
-    return path
+    return _save_png(fig, path)
