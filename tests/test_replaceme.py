@@ -20,6 +20,7 @@ import cospadi
 from cospadi import cli
 from cospadi.bench.sweep import Sweep, describe, parse_label
 from cospadi.errors import CospadiError
+from cospadi.evaluation.perplexity import perplexity
 from cospadi.layers.base import compressed_modules
 from cospadi.layers.linear import DictLinear
 from cospadi.pruning import blocks_for_ratio, cosine_map, lstsq_map, merge_map, remove_blocks, replaceme
@@ -64,12 +65,14 @@ def test_a_run_of_identity_blocks_is_chosen_and_cut_exactly(tiny_llama, tiny_ids
 
 
 @torch.no_grad()
-def test_distances_and_map_match_transformers_hidden_states(tiny_llama, tiny_ids):
+@pytest.mark.parametrize("fit", ["normalized", "lstsq"])
+def test_distances_and_map_match_transformers_hidden_states(tiny_llama, tiny_ids, fit):
     """An independent route to the same numbers: output_hidden_states gives h_j, a hook on
-    down_proj gives x; the map is torch.linalg.lstsq's, the distances the mean 1 - cos."""
+    down_proj gives x; the map is torch.linalg.lstsq's on the rows (normalized: each row
+    divided by ||z_t||), the distances the mean 1 - cos."""
     model = tiny_llama(5, seed=3)
     original = copy.deepcopy(model)
-    pruned = replaceme(model, tiny_ids, 2, batch_size=4, progress=False)
+    pruned = replaceme(model, tiny_ids, 2, fit=fit, batch_size=4, progress=False)
     start = pruned.blocks[0]
     xs = []
     handle = original.model.layers[start - 1].mlp.down_proj.register_forward_hook(lambda m, a, out: xs.append(out))
@@ -80,23 +83,48 @@ def test_distances_and_map_match_transformers_hidden_states(tiny_llama, tiny_ids
             assert distance == pytest.approx(mean_cosine_distance([hidden[s]], [hidden[s + 2]]), rel=1e-5)
     x = xs[0].reshape(-1, 32).double()
     z = (hidden[start + 2] - hidden[start]).reshape(-1, 32).double() + x
-    expected = torch.linalg.lstsq(x, z).solution
+    w = 1 / z.norm(dim=1, keepdim=True) if fit == "normalized" else torch.ones(len(z), 1, dtype=torch.float64)
+    expected = torch.linalg.lstsq(x * w, z * w).solution
     assert pruned.ridge == 0.0
     assert torch.allclose(pruned.transform, expected, atol=1e-7, rtol=1e-6)
     assert pruned.map_error == pytest.approx(float((x @ expected - z).norm() / z.norm()), rel=1e-6)
-    assert pruned.map_error < pruned.identity_error
+    token = float((((x @ expected - z).norm(dim=1) / z.norm(dim=1)) ** 2).mean().sqrt())
+    assert pruned.token_error == pytest.approx(token, rel=1e-6)
+    # each fit is best in its own measure, and both beat plain removal there
+    best = pruned.token_error if fit == "normalized" else pruned.map_error
+    assert best < (pruned.identity_token_error if fit == "normalized" else pruned.identity_error)
+
+
+def test_auto_keeps_the_map_with_the_lower_calibration_perplexity(tiny_llama, tiny_ids):
+    fixed = {}
+    for fit in ("lstsq", "normalized"):
+        other = tiny_llama(6, seed=7)
+        fixed[fit] = (other, replaceme(other, tiny_ids, 3, fit=fit, batch_size=3, progress=False))
+    model = tiny_llama(6, seed=7)
+    pruned = replaceme(model, tiny_ids, 3, batch_size=3, progress=False)
+    assert set(pruned.calibration_ppl) == {"lstsq", "normalized"}
+    assert pruned.fit == min(pruned.calibration_ppl, key=pruned.calibration_ppl.get)
+    assert torch.equal(pruned.transform, fixed[pruned.fit][1].transform)
+    for fit, (other, _) in fixed.items():  # each score is the perplexity of the model cut with that map
+        assert perplexity(other, tiny_ids, progress=False) == pytest.approx(pruned.calibration_ppl[fit], rel=1e-6)
+    assert perplexity(model, tiny_ids, progress=False) == pytest.approx(min(pruned.calibration_ppl.values()), rel=1e-6)
 
 
 def test_lstsq_map_is_the_least_squares_solution_with_a_ridge_only_when_ill_conditioned():
     g = torch.Generator().manual_seed(0)
     x, z = torch.randn(400, 12, generator=g, dtype=torch.float64), torch.randn(400, 12, generator=g, dtype=torch.float64)
+    z[:5] *= 1000  # a few tokens with massive activations dominate the plain fit, not the normalized one
     data = MapData(12)
     for rows in range(0, 400, 150):  # the sums over batches are the sums over all tokens
         data.add(x[rows:rows + 150], z[rows:rows + 150])
-    transform, ridge = lstsq_map(data.gram, data.cross)
+    transform, ridge = lstsq_map(data.plain.gram, data.plain.cross)
     assert ridge == 0.0
-    assert torch.allclose(transform, torch.linalg.lstsq(x, z).solution, atol=1e-12)
+    assert torch.allclose(transform, torch.linalg.lstsq(x, z).solution, atol=1e-9)
     assert data.relative_error(transform) == pytest.approx(float((x @ transform - z).norm() / z.norm()), rel=1e-9)
+    w = 1 / z.norm(dim=1, keepdim=True)
+    normalized, _ = lstsq_map(data.normalized.gram, data.normalized.cross)
+    assert torch.allclose(normalized, torch.linalg.lstsq(x * w, z * w).solution, atol=1e-9)
+    assert data.token_error(normalized) < data.token_error(transform)
     singular = torch.cat([x[:, :6], x[:, :6]], dim=1)  # duplicated columns: X^T X is singular
     gram, cross = singular.T @ singular, singular.T @ z
     transform, ridge = lstsq_map(gram, cross)

@@ -11,7 +11,7 @@ down_proj(u) T = u (W_down^T T) + b T, so no parameter is added."""
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -49,33 +49,52 @@ def select_run(distances: Mapping[int, float]) -> int:
 
 
 @dataclass
-class MapData:
-    """Sums over calibration tokens for the least-squares map: gram = X^T X, cross = X^T Z
-    (d, d, float64), z_sq = ||Z||_F^2, x_sq = ||X||_F^2 and the token count."""
+class Normal:
+    """Normal-equation sums over tokens: gram = X^T X, cross = X^T Z (d, d, float64) and
+    z_sq = ||Z||_F^2, for rows x_t, z_t (possibly weighted)."""
 
-    dim: int
-    gram: torch.Tensor = field(init=False)
-    cross: torch.Tensor = field(init=False)
+    gram: torch.Tensor
+    cross: torch.Tensor
     z_sq: float = 0.0
-    tokens: int = 0
-
-    def __post_init__(self) -> None:
-        self.gram = torch.zeros(self.dim, self.dim, dtype=torch.float64)
-        self.cross = torch.zeros(self.dim, self.dim, dtype=torch.float64)
 
     def add(self, x: torch.Tensor, z: torch.Tensor) -> None:
-        """Add tokens x (T, d) with targets z (T, d)."""
+        """Add rows x (T, d) with targets z (T, d), both float64."""
+        self.gram += x.T @ x
+        self.cross += x.T @ z
+        self.z_sq += float((z * z).sum())
+
+    def squared_error(self, transform: torch.Tensor) -> float:
+        """||X T - Z||_F^2 from the sums (T (d, d))."""
+        t = transform.double().cpu()
+        return max(float((t * (self.gram @ t)).sum() - 2.0 * (t * self.cross).sum()) + self.z_sq, 0.0)
+
+
+class MapData:
+    """The sums the maps need over all calibration tokens: `plain` (the paper's least
+    squares, sum_t ||x_t T - z_t||^2) and `normalized` (each token's squared error divided
+    by ||z_t||^2, every token weighing alike; a token with z_t = 0 is left out)."""
+
+    def __init__(self, dim: int) -> None:
+        self.dim, self.tokens = dim, 0
+        zeros = lambda: torch.zeros(dim, dim, dtype=torch.float64)
+        self.plain, self.normalized = Normal(zeros(), zeros()), Normal(zeros(), zeros())
+
+    def add(self, x: torch.Tensor, z: torch.Tensor) -> None:
+        """Add tokens x (..., d) with targets z (..., d)."""
         x64, z64 = x.reshape(-1, self.dim).double().cpu(), z.reshape(-1, self.dim).double().cpu()
-        self.gram += x64.T @ x64
-        self.cross += x64.T @ z64
-        self.z_sq += float((z64 * z64).sum())
+        norms = z64.norm(dim=1, keepdim=True)
+        weights = torch.where(norms > 0, 1.0 / norms.clamp_min(1e-300), torch.zeros_like(norms))
+        self.plain.add(x64, z64)
+        self.normalized.add(x64 * weights, z64 * weights)
         self.tokens += x64.shape[0]
 
     def relative_error(self, transform: torch.Tensor) -> float:
-        """||X T - Z||_F / ||Z||_F from the sums (T (d, d))."""
-        t = transform.double().cpu()
-        sq = float((t * (self.gram @ t)).sum() - 2.0 * (t * self.cross).sum()) + self.z_sq
-        return max(sq, 0.0) ** 0.5 / max(self.z_sq, 1e-300) ** 0.5
+        """||X T - Z||_F / ||Z||_F (dominated by the tokens with the largest z)."""
+        return (self.plain.squared_error(transform) / max(self.plain.z_sq, 1e-300)) ** 0.5
+
+    def token_error(self, transform: torch.Tensor) -> float:
+        """The root mean over tokens of ||x_t T - z_t||^2 / ||z_t||^2."""
+        return (self.normalized.squared_error(transform) / max(self.normalized.z_sq, 1e-300)) ** 0.5
 
 
 def lstsq_map(gram: torch.Tensor, cross: torch.Tensor, max_cond: float = MAX_COND) -> tuple[torch.Tensor, float]:
