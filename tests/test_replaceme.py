@@ -261,6 +261,12 @@ def test_bad_depth_requests_fail_before_any_work(tiny_llama, tiny_ids, method, r
     assert len(model.model.layers) == 4 and all(torch.equal(before[k], v) for k, v in model.state_dict().items())
 
 
+def test_a_compressed_model_is_refused(tiny_llama, tiny_ids):
+    model, _ = cospadi.compress(tiny_llama(4), None, input_ids=tiny_ids, method="svd-llm", ratio=0.3, progress=False)
+    with pytest.raises(CospadiError, match="compressed already"):
+        replaceme(model, tiny_ids, 1, progress=False)
+
+
 def run_cli(argv: list[str]) -> tuple[int, str]:
     err = io.StringIO()
     with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(err):

@@ -89,11 +89,13 @@ def add_bench_parsers(sub: argparse._SubParsersAction) -> None:
                        "text, and how well the profile's proxy ranks against the dictionary solver")
     a.add_argument("--model", default="smollm2-135m", help="built-in name, local folder or hub id")
     a.add_argument("--data", default="wiki", help="'wiki' (built-in) or a .txt / .jsonl file")
-    a.add_argument("--parts", default="costs,proxy", help="comma-separated: costs, proxy")
+    a.add_argument("--parts", default="costs,proxy", help="comma-separated: costs, proxy, time")
     a.add_argument("--methods", default="svd-llm,cospadi", help="methods whose costs are compared")
     a.add_argument("--ratios", default="0.3", help="comma-separated ratios of the cost comparison")
     a.add_argument("--calib-samples", type=int, default=api.DEFAULT_CALIB_SAMPLES, help="calibration windows")
     a.add_argument("--seq-len", type=int, default=api.DEFAULT_SEQ_LEN, help="tokens per window")
+    a.add_argument("--time-ratio", type=float, default=0.3, help="ratio of the time comparison")
+    a.add_argument("--time-repeats", type=int, default=1, help="alternating runs per allocation in the time part")
     a.add_argument("--validation-windows", type=int, default=16, help="validation windows scoring the costs")
     a.add_argument("--proxy-blocks", default="3,15,27", help="blocks whose matrices test the proxy")
     a.add_argument("--proxy-ratios", default="0.1,0.3,0.5,0.7", help="ratios at which the proxy is tested")
@@ -193,9 +195,9 @@ def run_bench_shapes(args: argparse.Namespace) -> list[dict]:
 def run_bench_allocation(args: argparse.Namespace) -> list[dict]:
     """`cospadi bench-allocation`: see bench/allocation.py; each part its own section."""
     parts = args.parts.split(",")
-    if not parts or any(p not in ("costs", "proxy") for p in parts):
-        raise CospadiError(f"--parts {args.parts!r}: give a comma-separated subset of costs,proxy")
-    for name in ("calib_samples", "seq_len", "validation_windows"):
+    if not parts or any(p not in ("costs", "proxy", "time") for p in parts):
+        raise CospadiError(f"--parts {args.parts!r}: give a comma-separated subset of costs,proxy,time")
+    for name in ("calib_samples", "seq_len", "validation_windows", "time_repeats"):
         positive("--" + name.replace("_", "-"), getattr(args, name))
     options = SolverOptions(seed=args.seed)
     command, rows = command_line("bench-allocation"), []
@@ -222,6 +224,17 @@ def run_bench_allocation(args: argparse.Namespace) -> list[dict]:
         bench.write_section(Path(args.output), f"allocation-proxy-{Path(args.model).name}", header + "\n" +
                             results_table([summary]) + "\n\n" + results_table(pairs))
         rows = rows or [summary]
+    if "time" in parts:
+        timed = bench_allocation.time_allocations(args.model, args.data, args.methods.split(","), args.time_ratio,
+                                                  args.calib_samples, args.seq_len, args.time_repeats, options,
+                                                  progress=not args.quiet)
+        header = (f"`{args.model}` at ratio {args.time_ratio}, calibration {args.calib_samples} x {args.seq_len} "
+                  "tokens: whole-model compression time, uniform against knapsack with the profile measured afresh "
+                  "(no cache), alternating in one process; torch threads as set.\n\n"
+                  f"Reproduce: `{command}`\n")
+        bench.write_section(Path(args.output), f"allocation-time-{Path(args.model).name}", header + "\n" +
+                            results_table(timed))
+        rows = rows or timed
     return rows
 
 

@@ -66,6 +66,37 @@ def compare_costs(model_name: str, data: str, methods: list[str], ratios: list[f
     return rows
 
 
+def time_allocations(model_name: str, data: str, methods: list[str], ratio: float, calib_samples: int,
+                     seq_len: int, repeats: int, options: SolverOptions, progress: bool = True) -> list[dict]:
+    """One row per (method, allocation): median whole-model compression seconds over
+    `repeats` alternating runs (uniform, knapsack, uniform, ...), the knapsack's profiling
+    share, and the knapsack / uniform ratio of the medians. Calibration: the usual windows
+    from the whole calibration text."""
+    model, tokenizer = load_model(model_name)
+    ids = api.calibration_ids(model, tokenizer, load_corpus(data)[0], calib_samples, seq_len, options.seed)
+    rows = []
+    for method in methods:
+        seconds: dict[str, list[float]] = {"uniform": [], "knapsack": []}
+        allocating: list[float] = []
+        for _ in range(repeats):
+            for allocation in seconds:
+                model, _ = load_model(model_name)
+                start = time.perf_counter()
+                _, report = api.compress(model, tokenizer, input_ids=ids, method=method, ratio=ratio,
+                                         allocation=allocation, profile_cache=None, progress=progress, **vars(options))
+                seconds[allocation].append(time.perf_counter() - start)
+                if allocation == "knapsack":
+                    allocating.append(report.allocation["seconds"])
+        uniform = float(torch.tensor(seconds["uniform"]).median())
+        knapsack = float(torch.tensor(seconds["knapsack"]).median())
+        rows += [{"method": method, "ratio": ratio, "allocation": "uniform", "seconds (median)": uniform,
+                  "of which allocating": 0.0, "x uniform": 1.0, "runs": repeats},
+                 {"method": method, "ratio": ratio, "allocation": "knapsack", "seconds (median)": knapsack,
+                  "of which allocating": float(torch.tensor(allocating).median()), "x uniform": knapsack / uniform,
+                  "runs": repeats}]
+    return rows
+
+
 def proxy_agreement(model_name: str, blocks: list[int], ratios: list[float], calib_samples: int, seq_len: int,
                     seed: int, cache: Path, options: SolverOptions) -> tuple[list[dict], dict]:
     """Per (block, matrix, ratio): the dictionary's relative error from the profile's proxy
