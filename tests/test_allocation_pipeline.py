@@ -44,10 +44,10 @@ def test_ratio_zero_keeps_a_linear_dense_and_counts_it(tiny_llama, tiny_ids):
 @pytest.mark.parametrize("method,group_size", [("svd", 1), ("svd-llm", 1), ("basis-sharing", 2), ("cospadi", 1),
                                                ("cospadi", 2)])
 def test_knapsack_end_to_end_keeps_the_budget(tiny_llama, tiny_ids, tmp_path, method, group_size):
+    """The knapsack is the default allocation (no `allocation` argument)."""
     model = tiny_llama(4)
     _, report = api.compress(model, None, input_ids=tiny_ids, method=method, ratio=0.3, group_size=group_size,
-                             allocation="knapsack", cost="fisher", profile_cache=str(tmp_path), progress=False,
-                             **vars(OPTIONS))
+                             profile_cache=str(tmp_path), progress=False, **vars(OPTIONS))
     assert 0.3 <= report.linear_ratios["effective"] < 0.3 + 0.02  # never over the budget; tiny jobs are coarse
     assert len({m.ratio for m in report.matrices}) > 1
     assert report.allocation["allocation"] == "knapsack" and report.allocation["cost"] == "fisher"
@@ -89,7 +89,8 @@ def test_knapsack_run_resumes_and_its_folder_refuses_a_uniform_run(tiny_llama, t
 
 def test_api_refuses_bad_allocation_settings(tiny_llama, tiny_ids):
     for kwargs, message in [(dict(allocation="greedy"), "unknown allocation"), (dict(cost="l2"), "unknown allocation cost"),
-                            (dict(allocation="knapsack", ratios={(0, "x"): 0.3}), "not both")]:
+                            (dict(allocation="knapsack", ratios={(0, "x"): 0.3}), "not both"),
+                            (dict(ratios={(0, "x"): 0.3}), "must cover every")]:  # a map alone means no knapsack
         with pytest.raises(CospadiError, match=message):
             api.compress(tiny_llama(2), None, input_ids=tiny_ids, method="svd-llm", progress=False, **kwargs)
 
@@ -116,12 +117,13 @@ def test_knapsack_folder_reloads_and_reports_every_ratio(tiny_llama, tiny_ids, t
 
 
 def test_cli_knapsack_writes_the_heatmap_and_the_ratios(cli_files, tmp_path, printed_rows):
+    """Without --allocation the CLI runs the knapsack (the default)."""
     pytest.importorskip("matplotlib")
     from cospadi.cli import main
 
     out, report = tmp_path / "out", tmp_path / "report.json"
     code = main(["compress", "--model", str(cli_files["model"]), "--data", str(cli_files["txt"]), "--method",
-                 "svd-llm", "--allocation", "knapsack", "--cost", "normalized", "--calib-samples", "4", "--seq-len",
+                 "svd-llm", "--cost", "normalized", "--calib-samples", "4", "--seq-len",
                  "32", "--eval-windows", "2", "--quiet", "--out", str(out), "--json", str(report),
                  "--profile-cache", str(tmp_path / "profiles")])
     assert code == 0

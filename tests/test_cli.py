@@ -26,7 +26,7 @@ LAYERS = 2  # the blocks of cli_files' tiny Llama
 def compress_args(cli_files, out=None, json_path=None, **overrides) -> list[str]:
     options = {"--model": str(cli_files["model"]), "--data": str(cli_files["txt"]), "--method": "cospadi",
                "--iters": "2", "--ratio": "0.3", "--calib-samples": "4", "--seq-len": str(SEQ_LEN),
-               "--eval-windows": "2", "--batch-size": "2", "--rounds": "7"}
+               "--eval-windows": "2", "--batch-size": "2", "--rounds": "7", "--allocation": "uniform"}
     options.update({k: str(v) for k, v in overrides.items()})
     argv = ["compress"] + [item for pair in options.items() for item in pair] + ["--quiet"]
     if out is not None:

@@ -304,7 +304,7 @@ def test_the_combination_removes_the_total_ratio(tiny_llama, tiny_ids):
     (tolerance 0.03; its rest ratio is exactly the budget's)."""
     model = tiny_llama(6)
     model, report = cospadi.compress(model, None, input_ids=tiny_ids, method="replaceme2+cospadi", ratio=0.5,
-                                     batch_size=3, progress=False, iters=2)
+                                     batch_size=3, progress=False, iters=2, allocation="uniform")
     assert len(report.pruned["blocks"]) == 2 and len(model.model.layers) == 4
     assert report.options["rest_ratio"] == pytest.approx(0.25)
     modules = dict(compressed_modules(model))

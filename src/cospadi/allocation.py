@@ -18,6 +18,7 @@ if TYPE_CHECKING:
 ALLOCATIONS = ("uniform", "knapsack")
 COSTS = ("normalized", "fisher")  # the knapsack's cost per job and candidate ratio (job_costs)
 DEFAULT_COST = "fisher"  # the lower validation perplexity (BENCHMARKS.md "allocation costs")
+DEFAULT_ALLOCATION = "knapsack"  # beat uniform at every ratio for svd-llm and cospadi (BENCHMARKS.md)
 
 RatioMap = Mapping[tuple[int, str], float]  # (block index, linear name relative to the block) -> ratio
 
@@ -51,6 +52,14 @@ def shared_ratio(members: Iterable[tuple[int, str]], ratios: RatioMap) -> float:
         raise CospadiError(f"linears sharing one factor {sorted(members)} were given different ratios "
                            f"{sorted(values)}: give a shared group one ratio")
     return values.pop()
+
+
+def resolve_allocation(allocation: str | None, ratios: RatioMap | None = None) -> str:
+    """The allocation a run uses: `allocation` when given; otherwise DEFAULT_ALLOCATION,
+    or "uniform" when a per-matrix `ratios` map is given (it is the allocation)."""
+    if allocation is not None:
+        return allocation
+    return "uniform" if ratios is not None else DEFAULT_ALLOCATION
 
 
 def check_allocation(allocation: str, cost: str) -> None:

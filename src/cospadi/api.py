@@ -11,7 +11,7 @@ from dataclasses import replace
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from .allocation import DEFAULT_COST, RatioMap, check_allocation
+from .allocation import DEFAULT_COST, RatioMap, check_allocation, resolve_allocation
 from .budget import check_ratio
 from .data import calibration_windows, evaluation_windows, load_corpus, tokenize_corpus
 from .errors import CospadiError
@@ -55,7 +55,7 @@ def compress(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, texts: 
              calib_samples: int = DEFAULT_CALIB_SAMPLES, seq_len: int = DEFAULT_SEQ_LEN, batch_size: int = 8,
              progress: bool = True, workers: int | None = None, group_size: int | None = None,
              resume_dir: str | None = None, device: str | torch.device | None = None,
-             ratios: RatioMap | None = None, allocation: str = "uniform", cost: str = DEFAULT_COST,
+             ratios: RatioMap | None = None, allocation: str | None = None, cost: str = DEFAULT_COST,
              profile_cache: str | None = None, **solver: object) -> tuple[PreTrainedModel, CompressionReport]:
     """Compress `model` in place: every q/k/v/o/gate/up/down linear of every block becomes
     a DictLinear (method "cospadi") or LowRankLinear ("svd", "svd-llm", "basis-sharing")
@@ -70,10 +70,11 @@ def compress(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, texts: 
     resume from it when it already holds progress of this same run (pipeline.compress_blocks).
     `device` ("auto", "cpu", "cuda", "cuda:N"; None: the model's own): where calibration
     and the solvers run, one block at a time, the model itself staying where it is.
-    `allocation` "knapsack": each matrix gets its own ratio (0 = kept dense, up to 0.9)
-    from a profile of its errors under `cost` ("normalized" or "fisher"), the stored
-    numbers still (1 - ratio) of the dense ones (docs/allocation.md); the profile is
-    cached under `profile_cache` (None: not cached). `ratios` gives the map directly.
+    `allocation` "knapsack" (the default, None, unless `ratios` is given): each matrix
+    gets its own ratio (0 = kept dense, up to 0.9) from a profile of its errors under
+    `cost` ("normalized" or "fisher"), the stored numbers still (1 - ratio) of the dense
+    ones (docs/allocation.md); the profile is cached under `profile_cache` (None: not
+    cached). "uniform": every matrix at `ratio`. `ratios` gives the map directly.
     The report's seconds include the allocation's.
     Depth pruning (docs/pruning.md): method "replaceme" cuts round(ratio x blocks)
     consecutive blocks and merges a fitted linear map into the block before the cut;
@@ -92,6 +93,7 @@ def compress(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, texts: 
     options = SolverOptions(**solver)  # type: ignore[arg-type]
     if input_ids is None:
         input_ids = calibration_ids(model, tokenizer, texts, calib_samples, seq_len, options.seed)
+    allocation = resolve_allocation(allocation, ratios)
     check_allocation(allocation, cost)
     if ratios is not None and allocation != "uniform":
         raise CospadiError("give either ratios (a per-matrix map) or allocation='knapsack', not both")

@@ -36,11 +36,14 @@ def add_solver_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--workers", type=int, default=None, help="matrices solved at once (default: torch threads)")
 
 
-def add_allocation_args(p: argparse.ArgumentParser) -> None:
-    """--allocation, --cost and --profile-cache (docs/allocation.md)."""
-    p.add_argument("--allocation", default="uniform", choices=list(ALLOCATIONS),
-                   help="uniform: every matrix at --ratio; knapsack: each matrix its own ratio (0 = dense, up to 0.9) "
-                        "from a profile of its errors, the total still removing --ratio")
+def add_allocation_args(p: argparse.ArgumentParser, allocation_help: str | None = None) -> None:
+    """--allocation, --cost and --profile-cache (docs/allocation.md); `allocation_help`
+    replaces --allocation's help (bench, where labels carry the allocation)."""
+    p.add_argument("--allocation", default=None, choices=list(ALLOCATIONS),
+                   help=allocation_help or ("knapsack: each matrix its own ratio (0 = dense, up to 0.9) from a "
+                                            "profile of its errors, the total still removing --ratio; uniform: every "
+                                            "matrix at --ratio. Default: knapsack (uniform for plain replaceme, "
+                                            "--lazy and --nproc, which cannot profile the whole model first)"))
     p.add_argument("--cost", default=DEFAULT_COST, choices=list(COSTS),
                    help="what the knapsack minimises: fisher (error x loss sensitivity) or normalized (relative error)")
 

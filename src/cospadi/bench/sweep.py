@@ -108,8 +108,9 @@ class Sweep:
         methods their solver options."""
         method, grouped, allocation = parse_label(label)
         o = self.options
+        update = getattr(o, "update", "ksvd")  # cells named before the block update existed used ksvd
         solver = (f"-rho{o.rho:g}-{o.solver}-{o.init}-r{o.rounds}-it{o.iters}-sw{o.sweeps}-p{o.power_iters}-{o.coder}"
-                  if uses_solver_options(method) else "")
+                  f"{'' if update == 'ksvd' else '-' + update}" if uses_solver_options(method) else "")
         cost = f"-{self.cost}" if allocation != "uniform" else ""
         return f"{label}{f'-g{self.group_size}' if grouped else ''}{solver}{cost}-{ratio:g}.json"
 

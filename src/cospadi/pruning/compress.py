@@ -12,7 +12,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from .. import api
 from ..adapters import adapter_for, decoder_layers
-from ..allocation import DEFAULT_COST, RatioMap, check_allocation
+from ..allocation import DEFAULT_COST, RatioMap, check_allocation, resolve_allocation
 from ..errors import CospadiError
 from ..pipeline.run import Recipe, check_recipe, unique_param_count
 from ..pipeline.solve import dense_row
@@ -28,15 +28,18 @@ def compress_depth(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, t
                    batch_size: int = 8, progress: bool = True, workers: int | None = None,
                    group_size: int | None = None, resume_dir: str | None = None,
                    device: str | torch.device | None = None, ratios: RatioMap | None = None,
-                   allocation: str = "uniform", cost: str = DEFAULT_COST, profile_cache: str | None = None,
+                   allocation: str | None = None, cost: str = DEFAULT_COST, profile_cache: str | None = None,
                    **solver: object) -> tuple[PreTrainedModel, CompressionReport]:
     """api.compress for a depth-pruning `method` (same arguments): cut blocks of `model` in
     place (pruning/run.py), then, for a combination, compress the kept blocks with its
     rest method, passing the other arguments on. Returns the model and a report whose
-    ratios count the cut blocks (report.py `pruned`); seconds cover both parts."""
+    ratios count the cut blocks (report.py `pruned`); seconds cover both parts. `allocation`
+    None: uniform for plain replaceme (whole blocks), the default allocation for the rest of
+    a combination."""
     depth = parse_depth_method(method)
     if depth is None:
         raise CospadiError(f"{method!r} is not a depth-pruning method")
+    allocation = "uniform" if depth.rest is None and allocation is None else resolve_allocation(allocation, ratios)
     options = SolverOptions(**solver)  # type: ignore[arg-type]
     group_size = resolve_method_group_size(method, group_size)
     _check_arguments(depth.rest, resume_dir, ratios, allocation, cost)
