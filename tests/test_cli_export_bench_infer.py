@@ -109,11 +109,13 @@ def test_bench_infer_measures_three_models_and_writes_one_section(files, tmp_pat
     specs = []
     monkeypatch.setattr(bench_infer, "run_worker", lambda spec: specs.append(spec) or infer_worker.measure(spec))
     assert cli.main(bench_argv(files, work, output)) == 0, capsys.readouterr().err
-    assert [s["mode"] for s in specs] == ["speed"] + ["memory"] * 4  # one interleaved run, then memory per model
+    # per run dtype: one interleaved speed run, then memory per model
+    assert [s["mode"] for s in specs] == (["speed"] + ["memory"] * 4) * 2
+    assert [s["compute_dtype"] for s in specs] == ["float32"] * 5 + ["bfloat16"] * 5
     labels = ["dense", "svd-llm", "cospadi", "cospadi (dense path only)"]
     assert [(m["label"], m["path"]) for m in specs[0]["models"]] == list(zip(labels, ["auto"] * 3 + ["dense"]))
     assert specs[0]["batches"] == [1, 2] and specs[0]["detail_label"] == "cospadi"
-    assert [s["path"] for s in specs[1:]] == ["auto", "auto", "auto", "dense"]
+    assert [s["path"] for s in specs[1:5]] == ["auto", "auto", "auto", "dense"]
     assert all(s["threads"] == 1 and s["new_tokens"] == 4 for s in specs)
     text = output.read_text()
     assert "Notes that must survive." in text and text.count("<!-- bench:infer-") == 1
@@ -121,15 +123,17 @@ def test_bench_infer_measures_three_models_and_writes_one_section(files, tmp_pat
     assert "Reproduce: `cospadi bench-infer" in section or "Reproduce: `cospadi " in section
     table = section[section.index("| model"):].split("\n\n")[0]  # the first table: one row per model
     rows = [line for line in table.splitlines()[2:]]
-    labels = [row.split("|")[1].strip() for row in rows]
-    assert labels == ["dense", "svd-llm", "cospadi", "cospadi (dense path only)"]
-    cells = {row.split("|")[1].strip(): [c.strip() for c in row.split("|")[2:-1]] for row in rows}
-    assert cells["dense"][1] == "1"  # bytes x dense
-    assert 0.5 < float(cells["cospadi"][1]) < 0.8 and 0.5 < float(cells["svd-llm"][1]) < 0.8
-    for label in labels:
-        assert all(float(c) > 0 for c in cells[label]), (label, cells[label])
-    assert "linear-weight bytes" in section and "prefill batch 2" in section
-    assert "sparse / dense" in section and "| 64 |" in section and "Load average" in section
+    keys = [tuple(c.strip() for c in row.split("|")[1:3]) for row in rows]
+    assert keys == [(label, dtype) for dtype in ("float32", "bfloat16") for label in labels]
+    cells = {key: [c.strip() for c in row.split("|")[3:-1]] for key, row in zip(keys, rows)}
+    for dtype in ("float32", "bfloat16"):
+        assert cells["dense", dtype][1] == "1" and cells["dense", dtype][-2] == "1"  # bytes and peak RSS x dense
+        assert 0.5 < float(cells["cospadi", dtype][1]) < 0.8 and 0.5 < float(cells["svd-llm", dtype][1]) < 0.8
+    for key, values in cells.items():
+        assert all(float(c) > 0 for c in values), (key, values)
+    assert "linear-weight bytes" in section and "prefill batch 2" in section and "decode vs svd-llm" in section
+    assert "peak RSS generating" in section and section.count("ELL / dense") == 2
+    assert "| 64 |" in section and "Load average" in section
     folders = sorted(p.name for p in next(work.iterdir()).iterdir())
     assert folders == ["cospadi", "dense", "svd-llm"]
 
@@ -161,5 +165,6 @@ def test_worker_process_measures_a_saved_model(files, tmp_path):
     common = {k: spec[k] for k in ("threads", "compute_dtype", "tokens", "prompt_len", "new_tokens")}
     rss = bench_infer.run_worker(common | {"mode": "memory", "folder": str(tmp_path / "m"), "path": "auto"})
     assert rss["peak_rss_mib"] > 50 and rss["peak_rss_scope"] in ("while generating", "whole process")
+    assert 0 < rss["tensor_mib"] < rss["peak_rss_mib"]
     with pytest.raises(cospadi.CospadiError, match="measuring .* failed"):
         bench_infer.run_worker(spec | {"models": [{"label": "a", "folder": str(tmp_path / "missing"), "path": "auto"}]})

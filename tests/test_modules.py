@@ -1,7 +1,7 @@
 """DictLinear and LowRankLinear: the dense and sparse forward paths agree with x W + b in
 fp32, bf16 and fp16 (with and without 14-bit values), the automatic choice follows input
-size, device and autograd, gradients flow through the dense path, and the cache of
-derived indices follows every change of the stored tensors."""
+size, device and autograd, gradients flow through the dense path, and the ELL form
+follows in-place changes, dtype moves and reloads (tests/test_ell.py has the rest)."""
 
 import copy
 
@@ -70,17 +70,22 @@ def test_14_bit_values_are_the_truncated_bf16_values():
     assert module(coef_bits=14).compact_(14).coefs14.equal(packed.coefs14)  # idempotent
 
 
-def test_choose_path_by_rows_device_and_autograd():
+def test_choose_path_by_rows_device_autograd_and_dtype():
     cpu, gpu = torch.device("cpu"), torch.device("cuda")
+    limit = kernels.max_sparse_rows(torch.float32)
     assert kernels.choose_path(1, cpu, False) == "sparse"
-    assert kernels.choose_path(kernels.SPARSE_MAX_ROWS, cpu, False) == "sparse"
-    assert kernels.choose_path(kernels.SPARSE_MAX_ROWS + 1, cpu, False) == "dense"
+    assert kernels.choose_path(limit, cpu, False) == "sparse"
+    assert kernels.choose_path(limit + 1, cpu, False) == "dense"
     assert kernels.choose_path(512, cpu, False) == "dense"
     assert kernels.choose_path(1, gpu, False) == "dense"
     assert kernels.choose_path(1, cpu, True) == "dense"
+    bf16 = kernels.max_sparse_rows(torch.bfloat16)
+    assert kernels.choose_path(bf16, cpu, False, torch.bfloat16) == "sparse"
+    assert kernels.choose_path(bf16 + 1, cpu, False, torch.bfloat16) == "dense"
+    assert kernels.max_sparse_rows(torch.float16) == limit
 
 
-@pytest.mark.parametrize("rows,expected", [(1, "sparse"), (kernels.SPARSE_MAX_ROWS + 1, "dense")])
+@pytest.mark.parametrize("rows,expected", [(1, "sparse"), (kernels.max_sparse_rows(torch.float32) + 1, "dense")])
 def test_auto_path_runs_the_chosen_kernel(rows, expected, monkeypatch):
     calls = []
     for name in ("sparse", "dense"):
@@ -120,12 +125,12 @@ def test_from_factors_keeps_the_factors():
 
 
 @pytest.mark.parametrize("path", ["sparse", "dense"])
-def test_cache_follows_in_place_changes_dtype_moves_and_reloads(path):
+def test_ell_form_follows_in_place_changes_dtype_moves_and_reloads(path):
     m = module()
     m.path = path
     x = torch.randn(1, D1)
     with torch.no_grad():
-        m(x)  # build the cache
+        m(x)
         m.coefs.mul_(2)
         assert rel_error(m(x) - m.bias, 2 * (reference(module(), x) - m.bias.double())) < 1e-5
         m.to(torch.float64)

@@ -1,12 +1,13 @@
 """`cospadi bench-infer`: the dense model, the low-rank baseline and CoSpaDi side by side
 in one run: bytes on disk (the compressed linears' weights and the whole folder), decode
 speed (greedy generation, batch 1), prefill speed (one long forward pass per batch
-size) and peak resident memory while generating. Each model is saved once under the
-work folder at the storage dtype (dense too, so the byte counts compare like with like),
-then measured at the compute dtype (infer_worker.py): speeds in one process that holds all
-models and interleaves their runs, so drifting background load hits them alike; peak
-memory in one fresh process per model. The table goes
-into BENCHMARKS.md between markers that name the run."""
+size) and peak resident memory while generating, each with its ratio to dense. Each
+model is saved once under the work folder at the storage dtype (dense too, so the byte
+counts compare like with like), then measured at every run dtype (`--dtypes`,
+infer_worker.py): speeds in one process per dtype that holds all models and interleaves
+their runs, so drifting background load hits them alike; peak memory in one fresh
+process per model and dtype. The table goes into the --output file between markers that
+name the run."""
 from __future__ import annotations
 
 import argparse
@@ -27,7 +28,7 @@ from ..data import load_corpus
 from ..errors import CospadiError
 from ..files import atomic_folder
 from ..layers.coefficients import check_coef_bits
-from ..layers.kernels import SPARSE_MAX_ROWS
+from ..layers.kernels import max_sparse_rows
 from ..methods import get_method, method_names
 from ..models import load_model
 from ..report import results_table
@@ -36,7 +37,7 @@ from ..storage.checkpoint import parse_dtype, save, to_storage
 from ..storage.folder_checks import check_safetensors, read_config, weight_files
 from .sweep import write_section
 
-TARGETS = {"linear bytes": 0.71, "decode": 1.0, "prefill": 0.8}  # vs dense, from the issue
+TARGETS = {"linear bytes": 0.71, "decode": 1.4, "prefill": 1.0, "peak memory": 0.85}  # vs dense (issue 15)
 
 
 @dataclass(frozen=True)
@@ -49,7 +50,7 @@ class InferBench:
     methods: tuple[str, ...] = ("svd-llm", "cospadi")
     storage_dtype: str = "bfloat16"
     coef_bits: int | None = 14
-    compute_dtype: str = "float32"
+    compute_dtypes: tuple[str, ...] = ("float32", "bfloat16")
     calib_samples: int = api.DEFAULT_CALIB_SAMPLES
     seq_len: int = api.DEFAULT_SEQ_LEN
     seed: int = 42
@@ -61,7 +62,7 @@ class InferBench:
     threads: int = 2
     dense_path_row: bool = True
     profile: bool = False
-    crossover: tuple[int, ...] = (1, 2, 4, 8, 16, 32, 64)
+    crossover: tuple[int, ...] = (1, 2, 4, 8, 16, 32, 64, 128, 512)
     options: SolverOptions = field(default_factory=SolverOptions)
 
     def check(self) -> None:
@@ -70,7 +71,10 @@ class InferBench:
         for method in self.methods:
             get_method(method)
         parse_dtype(self.storage_dtype)
-        parse_dtype(self.compute_dtype)
+        if not self.compute_dtypes:
+            raise CospadiError("--dtypes must name at least one dtype, e.g. float32,bfloat16")
+        for dtype in self.compute_dtypes:
+            parse_dtype(dtype)
         check_coef_bits(self.coef_bits)
         for name in ("calib_samples", "seq_len", "prompt_len", "new_tokens", "prefill_len", "repeats", "threads"):
             if getattr(self, name) < 1:
@@ -103,6 +107,7 @@ def prepare_folders(bench: InferBench, work: Path, progress: bool) -> dict[str, 
             model, tokenizer = load_model(bench.model)
             ids = api.calibration_ids(model, tokenizer, calib_texts, bench.calib_samples, bench.seq_len, bench.seed)
             model, report = api.compress(model, tokenizer, input_ids=ids, method=method, ratio=bench.ratio,
+                                         allocation="uniform",  # every linear factored: the kernels are measured
                                          progress=progress, **asdict(bench.options))
             save(model, tokenizer, folders[method], report.to_dict(), dtype=bench.storage_dtype,
                  coef_bits=bench.coef_bits)
@@ -148,34 +153,42 @@ def held_out_tokens(bench: InferBench, dense: Path) -> list[int]:
     return windows.reshape(-1).tolist()
 
 
-def measure_all(bench: InferBench, folders: dict[str, Path]) -> tuple[dict[str, dict], dict]:
-    """(label -> sizes, speed and memory measurements; the cospadi model's crossover
-    and profiles), for every model and the cospadi model with the dense path forced.
-    Speeds come from one worker that interleaves the models; memory from one worker per
-    model (a process's peak includes whatever else it holds)."""
+def measure_all(bench: InferBench, folders: dict[str, Path]) -> tuple[dict[str, dict[str, dict]], dict]:
+    """(run dtype -> label -> sizes, speed and memory measurements; run dtype -> the
+    cospadi model's crossover, profiles and kernel), for every model and the cospadi model
+    with the dense path forced. Speeds come from one worker per dtype that interleaves the
+    models; memory from one worker per model and dtype (a process's peak includes whatever
+    else it holds)."""
     linears = sorted(read_config(folders[bench.methods[0]])["quantization_config"]["modules"]) if bench.methods \
         else []
     tokens = held_out_tokens(bench, folders["dense"])
     runs = [(label, folder, "auto") for label, folder in folders.items()]
     if bench.dense_path_row and "cospadi" in folders:
         runs.append(("cospadi (dense path only)", folders["cospadi"], "dense"))
-    common = {"threads": bench.threads, "compute_dtype": bench.compute_dtype, "tokens": tokens,
-              "prompt_len": bench.prompt_len, "new_tokens": bench.new_tokens}
-    load_before = os.getloadavg()[0]
-    speeds = run_worker(common | {
-        "mode": "speed", "models": [{"label": label, "folder": str(folder), "path": path} for label, folder, path in runs],
-        "prefill_len": bench.prefill_len, "batches": list(bench.batches), "repeats": bench.repeats,
-        "detail_label": "cospadi", "crossover": list(bench.crossover), "profile": bench.profile})
-    results = {}
-    for label, folder, path in runs:
-        linear, total = folder_bytes(folder, linears)
-        rss = run_worker(common | {"mode": "memory", "folder": str(folder), "path": path})
-        results[label] = {"linear_bytes": linear, "folder_bytes": total, **speeds[label], **rss}
-    return results, speeds.get("detail", {}) | {"load": (load_before, os.getloadavg()[0])}
+    sizes = {label: folder_bytes(folder, linears) for label, folder, _ in runs}
+    results: dict[str, dict[str, dict]] = {}
+    details: dict = {"load": [os.getloadavg()[0]]}
+    for dtype in bench.compute_dtypes:
+        common = {"threads": bench.threads, "compute_dtype": dtype, "tokens": tokens,
+                  "prompt_len": bench.prompt_len, "new_tokens": bench.new_tokens}
+        speeds = run_worker(common | {
+            "mode": "speed", "prefill_len": bench.prefill_len, "batches": list(bench.batches),
+            "models": [{"label": label, "folder": str(folder), "path": path} for label, folder, path in runs],
+            "repeats": bench.repeats, "detail_label": "cospadi", "crossover": list(bench.crossover),
+            "profile": bench.profile})
+        details[dtype] = speeds.get("detail", {})
+        results[dtype] = {}
+        for label, folder, path in runs:
+            rss = run_worker(common | {"mode": "memory", "folder": str(folder), "path": path})
+            linear, total = sizes[label]
+            results[dtype][label] = {"linear_bytes": linear, "folder_bytes": total, **speeds[label], **rss}
+        details["load"].append(os.getloadavg()[0])
+    return results, details
 
 
-def table_rows(bench: InferBench, results: dict[str, dict]) -> list[dict]:
-    """One row per model: sizes, speeds (medians) and memory, each with its ratio to dense."""
+def table_rows(bench: InferBench, dtype: str, results: dict[str, dict]) -> list[dict]:
+    """One row per model run at `dtype`: sizes, speeds (medians) and memory, each with its
+    ratio to dense."""
     def speeds(r: dict) -> dict[str, float]:
         out = {"decode": bench.new_tokens / statistics.median(r["decode_s"])}
         for batch, times in r["prefill_s"].items():
@@ -186,7 +199,7 @@ def table_rows(bench: InferBench, results: dict[str, dict]) -> list[dict]:
     rows = []
     for label, r in results.items():
         s = speeds(r)
-        row = {"model": label, "linear weights (MB)": round(r["linear_bytes"] / 1e6, 2),
+        row = {"model": label, "run dtype": dtype, "linear weights (MB)": round(r["linear_bytes"] / 1e6, 2),
                "x dense": round(r["linear_bytes"] / dense["linear_bytes"], 3),
                "folder (MB)": round(r["folder_bytes"] / 1e6, 1),
                "decode (tok/s)": round(s["decode"], 2), "decode x dense": round(s["decode"] / dense_speed["decode"], 3)}
@@ -195,52 +208,61 @@ def table_rows(bench: InferBench, results: dict[str, dict]) -> list[dict]:
             row[f"{name} (tok/s)"] = round(s[name], 1)
             row[f"{name} x dense"] = round(s[name] / dense_speed[name], 3)
         row["peak RSS generating (MiB)"] = round(r["peak_rss_mib"])
+        row["peak RSS x dense"] = round(r["peak_rss_mib"] / dense["peak_rss_mib"], 3)
+        row["model tensors (MiB)"] = round(r["tensor_mib"], 1)
         rows.append(row)
     return rows
 
 
 def verdicts(bench: InferBench, rows: list[dict]) -> list[str]:
-    """'met' / 'MISSED' lines for the issue's targets, for the cospadi row."""
-    row = next((r for r in rows if r["model"] == "cospadi"), None)
-    if row is None:
-        return []
-    lines = [f"- linear-weight bytes {row['x dense']:.3f} x dense (target <= {TARGETS['linear bytes']}): "
-             f"{'met' if row['x dense'] <= TARGETS['linear bytes'] else 'MISSED'}",
-             f"- decode {row['decode x dense']:.3f} x dense (target >= {TARGETS['decode']}): "
-             f"{'met' if row['decode x dense'] >= TARGETS['decode'] else 'MISSED'}"]
-    for batch in bench.batches:
-        ratio = row[f"prefill b{batch} x dense"]
-        lines.append(f"- prefill batch {batch}: {ratio:.3f} x dense (target >= {TARGETS['prefill']}): "
-                     f"{'met' if ratio >= TARGETS['prefill'] else 'MISSED'}")
+    """'met' / 'MISSED' lines for the issue's targets, for the cospadi row of each run dtype."""
+    lines = []
+    for row in (r for r in rows if r["model"] == "cospadi"):
+        dtype = row["run dtype"]
+        lowrank = next((r for r in rows if r["model"] == "svd-llm" and r["run dtype"] == dtype), None)
+        checks = [("linear-weight bytes", row["x dense"], "<=", TARGETS["linear bytes"]),
+                  ("decode", row["decode x dense"], ">=", TARGETS["decode"])]
+        if lowrank is not None:
+            checks.append(("decode vs svd-llm", round(row["decode x dense"] / lowrank["decode x dense"], 3), ">=", 1.0))
+        checks += [(f"prefill batch {batch}", row[f"prefill b{batch} x dense"], ">=", TARGETS["prefill"])
+                   for batch in bench.batches]
+        checks.append(("peak RSS generating", row["peak RSS x dense"], "<=", TARGETS["peak memory"]))
+        for what, value, op, target in checks:
+            met = value <= target if op == "<=" else value >= target
+            lines.append(f"- {dtype}: {what} {value:.3f} x (target {op} {target}): {'met' if met else 'MISSED'}")
     return lines
 
 
-def crossover_table(crossover: dict[str, dict[str, list[float]]]) -> str:
+def crossover_table(dtype: str, kernel: str, crossover: dict[str, dict[str, list[float]]]) -> str:
     """Which forward path of the cospadi model is faster for how many tokens (the basis of
-    kernels.SPARSE_MAX_ROWS)."""
+    kernels.max_sparse_rows), at run dtype `dtype`."""
     rows = []
     for tokens, times in crossover.items():
         sparse, dense = statistics.median(times["sparse"]), statistics.median(times["dense"])
-        rows.append({"tokens": tokens, "sparse path (ms)": round(sparse * 1e3, 2),
-                     "dense path (ms)": round(dense * 1e3, 2), "sparse / dense": round(sparse / dense, 3)})
-    return ("Forward pass of the cospadi model (no cache) on n tokens, each path forced, medians; the automatic "
-            f"choice takes the sparse path up to {SPARSE_MAX_ROWS} tokens:\n\n" + results_table(rows))
+        rows.append({"tokens": tokens, "ELL path (ms)": round(sparse * 1e3, 2),
+                     "dense path (ms)": round(dense * 1e3, 2), "ELL / dense": round(sparse / dense, 3)})
+    limit = max_sparse_rows(parse_dtype(dtype))
+    return (f"Forward pass of the cospadi model at {dtype} (no cache) on n tokens, each path forced, medians "
+            f"(ELL kernel: {kernel}); the automatic choice takes the ELL path up to {limit} tokens:\n\n"
+            + results_table(rows))
 
 
-def describe(bench: InferBench, command: str, results: dict[str, dict], detail: dict) -> str:
+def describe(bench: InferBench, command: str, results: dict[str, dict[str, dict]], detail: dict) -> str:
     """The header saying what was measured and how to reproduce it."""
-    scope = next(iter(results.values()))["peak_rss_scope"]
+    scope = next(iter(next(iter(results.values())).values()))["peak_rss_scope"]
     load = " / ".join(f"{x:.2f}" for x in detail.get("load", ())) or "unknown"
     return (f"Model `{bench.model}` at ratio {bench.ratio:g}; every model saved at {bench.storage_dtype}"
             f"{f' with {bench.coef_bits}-bit values of S' if bench.coef_bits else ''} and run at "
-            f"{bench.compute_dtype} on {bench.threads} CPU threads; speeds from one process holding every model, "
-            "runs interleaved (run 1 of each model, then run 2, ...); peak memory from one fresh process per model. "
-            f"Load average of the machine (1 min) before / after the speed runs: {load}. Linear weights = "
-            "the q/k/v/o/gate/up/down tensors in the safetensors files (bitmask included); folder = every file. "
-            f"Decode = greedy generation of {bench.new_tokens} new tokens after a {bench.prompt_len}-token prompt, "
-            f"batch 1 (tokens / wall time of the generate call); prefill = one {bench.prefill_len}-token forward "
-            f"pass without cache; speeds are medians of {bench.repeats} runs. Peak RSS is the process's resident "
-            f"high-water mark {scope} (model loaded). Held-out wiki tokens.\n\nReproduce: `{command}`\n")
+            f"{', '.join(bench.compute_dtypes)} on {bench.threads} CPU threads; speeds from one process per run dtype "
+            "holding every model, runs interleaved (run 1 of each model, then run 2, ...); peak memory from one fresh "
+            f"process per model and run dtype. Load average of the machine (1 min) before / after each dtype: {load}. "
+            "Linear weights = the q/k/v/o/gate/up/down tensors in the safetensors files (bitmask included); folder = "
+            f"every file. Decode = greedy generation of {bench.new_tokens} new tokens after a {bench.prompt_len}-token "
+            f"prompt, batch 1 (tokens / wall time of the generate call); prefill = one {bench.prefill_len}-token "
+            f"forward pass without cache; speeds are medians of {bench.repeats} runs. Peak RSS is the process's "
+            f"resident high-water mark {scope} (model loaded); model tensors = the bytes of the model's parameters "
+            "and buffers as held after loading. Held-out wiki tokens.\n\n"
+            f"Reproduce: `{command}`\n")
 
 
 def run(bench: InferBench, work: Path, output: Path | None, command: str, progress: bool = True) -> list[dict]:
@@ -248,14 +270,16 @@ def run(bench: InferBench, work: Path, output: Path | None, command: str, progre
     bench.check()
     folders = prepare_folders(bench, work, progress)
     results, detail = measure_all(bench, folders)
-    rows = table_rows(bench, results)
+    rows = [row for dtype in bench.compute_dtypes for row in table_rows(bench, dtype, results[dtype])]
     body = describe(bench, command, results, detail) + "\n" + results_table(rows) + "\n\n" + "\n".join(verdicts(bench, rows))
-    if detail.get("crossover"):
-        body += "\n\n" + crossover_table(detail["crossover"])
-    profiles = [f"**{kind}** (cospadi, top operators by self CPU time)\n\n```\n{detail[key].strip()}\n```"
-                for kind, key in (("decode", "profile_decode"), ("prefill", "profile_prefill")) if detail.get(key)]
-    if profiles:
-        body += "\n\n" + "\n\n".join(profiles)
+    for dtype in bench.compute_dtypes:
+        extra = detail.get(dtype, {})
+        if extra.get("crossover"):
+            body += "\n\n" + crossover_table(dtype, extra.get("kernel", "?"), extra["crossover"])
+        profiles = [f"**{kind}** (cospadi at {dtype}, top operators by self CPU time)\n\n```\n{extra[key].strip()}\n```"
+                    for kind, key in (("decode", "profile_decode"), ("prefill", "profile_prefill")) if extra.get(key)]
+        if profiles:
+            body += "\n\n" + "\n\n".join(profiles)
     if output is not None:
         write_section(output, f"infer-{bench.key}", body)
     return rows
@@ -270,7 +294,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--methods", default=",".join(d.methods), help=f"comma-separated, from {', '.join(method_names())}")
     p.add_argument("--storage-dtype", default=d.storage_dtype, help="dtype of every saved folder")
     p.add_argument("--coef-bits", type=int, default=d.coef_bits, help="14: packed 14-bit values of S; 0: none")
-    p.add_argument("--compute-dtype", default=d.compute_dtype, help="dtype the models run at")
+    p.add_argument("--dtypes", default=",".join(d.compute_dtypes),
+                   help="comma-separated dtypes the models run at, each measured side by side")
     p.add_argument("--calib-samples", type=int, default=d.calib_samples, help="calibration windows")
     p.add_argument("--seq-len", type=int, default=d.seq_len, help="tokens per calibration window")
     p.add_argument("--seed", type=int, default=d.seed)
@@ -295,7 +320,7 @@ def from_args(args: argparse.Namespace) -> InferBench:
         raise CospadiError(f"--batches {args.batches!r} must be comma-separated integers, e.g. 1,8") from None
     return InferBench(model=args.model, data=args.data, ratio=args.ratio, methods=tuple(args.methods.split(",")),
                       storage_dtype=args.storage_dtype, coef_bits=args.coef_bits or None,
-                      compute_dtype=args.compute_dtype, calib_samples=args.calib_samples, seq_len=args.seq_len,
+                      compute_dtypes=tuple(args.dtypes.split(",")), calib_samples=args.calib_samples, seq_len=args.seq_len,
                       seed=args.seed, prompt_len=args.prompt_len, new_tokens=args.new_tokens,
                       prefill_len=args.prefill_len, batches=batches, repeats=args.repeats, threads=args.threads,
                       dense_path_row=not args.no_dense_path_row, profile=args.profile)

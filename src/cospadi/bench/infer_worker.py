@@ -9,7 +9,7 @@ seconds per run (greedy generation of `new_tokens` tokens after a `prompt_len`-t
 prompt, batch 1), prefill seconds per run for each batch size (one forward pass over
 `prefill_len` tokens, no cache), optionally the forward time of a few token counts on
 each path and profiler tables. "memory" loads one model and reports its peak resident
-memory while generating."""
+memory while generating and the bytes of the tensors it holds."""
 from __future__ import annotations
 
 import json
@@ -22,6 +22,7 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from ..layers import ell_native
 from ..layers.linear import forward_path
 from ..storage.checkpoint import parse_dtype
 from ..storage.memory import realign
@@ -118,7 +119,7 @@ def speed(spec: dict) -> dict:
 def details(spec: dict, runner: Runner) -> dict:
     """Forward time of each token count in spec["crossover"] on both paths, and (with
     spec["profile"]) profiler tables of a decode and a batch-1 prefill."""
-    result: dict = {"crossover": {}}
+    result: dict = {"crossover": {}, "kernel": "compiled" if ell_native.load() is not None else "pytorch fallback"}
     for rows in spec.get("crossover", []):
         ids = runner.tokens[:rows][None]
         times = {}
@@ -134,16 +135,22 @@ def details(spec: dict, runner: Runner) -> dict:
     return result
 
 
+def tensor_mib(model: torch.nn.Module) -> float:
+    """MiB of the distinct parameters and buffers `model` holds (a shared one counted once)."""
+    tensors = {id(t): t for t in (*model.parameters(), *model.buffers())}
+    return sum(t.numel() * t.element_size() for t in tensors.values()) / 2**20
+
+
 def memory(spec: dict) -> dict:
-    """{peak_rss_mib, peak_rss_scope} of one model (spec folder, path) generating
-    spec["new_tokens"] tokens, the model loaded and warmed up beforehand."""
+    """{peak_rss_mib, peak_rss_scope, tensor_mib} of one model (spec folder, path)
+    generating spec["new_tokens"] tokens, the model loaded and warmed up beforehand."""
     runner = Runner(spec, spec["folder"])
     with torch.inference_mode(), forward_path(runner.model, spec["path"]):
         runner.generate(8)
         reset = reset_peak_rss()
         runner.generate(spec["new_tokens"])
         return {"peak_rss_mib": peak_rss_mib(reset), "peak_rss_scope": "while generating" if reset else
-                "whole process"}
+                "whole process", "tensor_mib": tensor_mib(runner.model)}
 
 
 def measure(spec: dict) -> dict:

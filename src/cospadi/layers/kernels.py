@@ -1,64 +1,85 @@
 """The two ways a DictLinear computes y = (x D) S + b, and which one runs.
 
-* dense: S is scattered into a (d2, k) buffer for the call, then two GEMMs. Best for
-  long inputs (prefill) and on GPUs; differentiable.
-* sparse: S^T as a CSR matrix (d2 rows of s entries) times (x D)^T. It reads the
-  nonzeros only, so it wins for a few rows (decoding) on the CPU. torch's CPU CSR
-  kernels take float32/float64 only: half-precision modules run it in float32 on a
-  float32 copy of the values.
-Both give the same result up to float rounding."""
-from __future__ import annotations
+S (k, d2) has exactly s nonzeros per column, so it is held in ELL form: `values` and
+`rows`, both (d2, s), column j of S holding values[j, t] at row rows[j, t] (int16 when
+k <= 32768, else int32; values at the module's dtype, or bf16 for 14-bit values).
 
-import warnings
+* sparse (ELL): z = x D, one dense product, then y[:, j] = sum_t values[j, t] z[:, rows[j, t]]
+  (ell_matmul: the compiled kernel of ell_native.py, or a pure-PyTorch gather). Reads D
+  and the s entries of each column once, at their stored widths; no float32 copy.
+  Best for a few rows (decoding) on the CPU.
+* dense: S^T is scattered into a (d2, k) buffer at the compute dtype for the call, then
+  a GEMM. For long inputs (prefill), GPUs and autograd.
+Both give the same result up to float rounding (docs/inference.md)."""
+from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
 
+from . import ell_native
+
 PATHS = ("auto", "dense", "sparse")
-SPARSE_MAX_ROWS = 32  # rows (tokens) up to which the CPU uses the sparse path; see BENCHMARKS.md
+# input rows (tokens x batch) up to which the CPU takes the ELL path, by compute dtype (others: float32's);
+# bf16's dense GEMM (AVX-512 BF16) overtakes the ELL kernel sooner. Measured: docs/inference.md
+SPARSE_MAX_ROWS = {torch.float32: 32, torch.bfloat16: 16}
+INT16_MAX_ATOMS = 32768  # rows < 32768 fit int16
 
 
-def choose_path(rows: int, device: torch.device, needs_grad: bool) -> str:
-    """'sparse' for at most SPARSE_MAX_ROWS input rows on the CPU without autograd,
-    'dense' otherwise (long inputs, GPUs, training)."""
-    if needs_grad or device.type != "cpu" or rows > SPARSE_MAX_ROWS:
+def max_sparse_rows(dtype: torch.dtype) -> int:
+    """The switch point of `dtype`: the most input rows the ELL path takes on the CPU."""
+    return SPARSE_MAX_ROWS.get(dtype, SPARSE_MAX_ROWS[torch.float32])
+
+
+def choose_path(rows: int, device: torch.device, needs_grad: bool, dtype: torch.dtype = torch.float32) -> str:
+    """'sparse' (ELL) for at most max_sparse_rows(dtype) input rows on the CPU without
+    autograd, 'dense' otherwise (long inputs, GPUs, training)."""
+    if needs_grad or device.type != "cpu" or rows > max_sparse_rows(dtype):
         return "dense"
     return "sparse"
 
 
-def dense_forward(x: torch.Tensor, dictionary: torch.Tensor, columns: torch.Tensor, coefs: torch.Tensor,
+def index_dtype(atoms: int) -> torch.dtype:
+    """The narrowest integer dtype the ELL row indices of a k = `atoms` matrix fit: int16
+    up to 32768 atoms, int32 beyond."""
+    return torch.int16 if atoms <= INT16_MAX_ATOMS else torch.int32
+
+
+def scatter_dense(values: torch.Tensor, rows: torch.Tensor, atoms: int, dtype: torch.dtype) -> torch.Tensor:
+    """S^T as a dense (d2, k) tensor of `dtype` from its ELL form (differentiable in values)."""
+    buffer = torch.zeros(values.shape[0], atoms, dtype=dtype, device=values.device)
+    return buffer.scatter(1, rows.long(), values.to(dtype))
+
+
+def dense_forward(x: torch.Tensor, dictionary: torch.Tensor, values: torch.Tensor, rows: torch.Tensor,
                   bias: torch.Tensor | None) -> torch.Tensor:
-    """x (n, d1), dictionary (d1, k), columns and coefs (d2, s): column j of S holds
-    coefs[j] at rows columns[j]. Returns (n, d2)."""
-    s_t = torch.zeros(columns.shape[0], dictionary.shape[1], dtype=coefs.dtype, device=coefs.device)
-    s_t = s_t.scatter(1, columns.long(), coefs)
-    return F.linear(x @ dictionary, s_t, bias)
+    """x (n, d1), dictionary (d1, k), values and rows (d2, s). Returns (n, d2) at x's dtype."""
+    return F.linear(x @ dictionary, scatter_dense(values, rows, dictionary.shape[1], x.dtype), bias)
 
 
-def csr_dtype(dtype: torch.dtype) -> torch.dtype:
-    """The dtype the CPU CSR kernels run in for modules of `dtype`."""
-    return dtype if dtype in (torch.float32, torch.float64) else torch.float32
+def ell_matmul_reference(z: torch.Tensor, values: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    """Pure-PyTorch y = z S: z (n, k), values and rows (d2, s) -> (n, d2) at z's dtype,
+    summed in float32 (float64 for float64 inputs). Builds an (n, d2, s) temporary, in
+    chunks of rows."""
+    acc = torch.float64 if torch.float64 in (z.dtype, values.dtype) else torch.float32
+    zf, vf, index = z.to(acc), values.to(acc), rows.long()
+    step = max(1, (1 << 22) // max(1, values.numel()))
+    parts = [(zf[start:start + step, index] * vf).sum(-1) for start in range(0, z.shape[0], step)]
+    out = torch.cat(parts) if parts else zf.new_zeros(0, values.shape[0])
+    return out.to(z.dtype)
 
 
-def build_csr(columns: torch.Tensor, coefs: torch.Tensor, atoms: int) -> torch.Tensor:
-    """S^T (d2, k) as a sparse CSR tensor from columns, coefs (d2, s). Its values share
-    memory with `coefs` when coefs is contiguous and already of csr_dtype."""
-    width, s = columns.shape
-    crow = torch.arange(0, (width + 1) * s, s, dtype=torch.int32, device=columns.device)
-    values = coefs.detach().to(csr_dtype(coefs.dtype)).reshape(-1)
-    with warnings.catch_warnings():  # "sparse CSR support is in beta"
-        warnings.simplefilter("ignore")
-        return torch.sparse_csr_tensor(crow, columns.reshape(-1), values, (width, atoms),
-                                       check_invariants=False)
+def ell_matmul(z: torch.Tensor, values: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    """y = z S with S in ELL form: z (n, k), values and rows (d2, s) -> (n, d2) at z's
+    dtype. The compiled kernel on the CPU when it is available (not for float64), the
+    pure-PyTorch reference otherwise; they agree up to float rounding."""
+    native = ell_native.load() if z.device.type == "cpu" and torch.float64 not in (z.dtype, values.dtype) else None
+    if native is None:
+        return ell_matmul_reference(z, values, rows)
+    return native(z, values, rows)
 
 
-def sparse_forward(x: torch.Tensor, dictionary: torch.Tensor, csr: torch.Tensor,
+def sparse_forward(x: torch.Tensor, dictionary: torch.Tensor, values: torch.Tensor, rows: torch.Tensor,
                    bias: torch.Tensor | None) -> torch.Tensor:
-    """x (n, d1), dictionary (d1, k), csr = S^T (d2, k) from build_csr. Returns (n, d2)."""
-    z = x @ dictionary
-    if z.dtype != csr.dtype:
-        z = z.to(csr.dtype)
-    y = torch.mv(csr, z.view(-1)).view(1, -1) if z.shape[0] == 1 else (csr @ z.T).T
-    if y.dtype != x.dtype:
-        y = y.to(x.dtype)
+    """The ELL path: x (n, d1), dictionary (d1, k), values and rows (d2, s). Returns (n, d2)."""
+    y = ell_matmul(x @ dictionary, values, rows)
     return y + bias if bias is not None else y

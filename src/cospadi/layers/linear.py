@@ -1,16 +1,16 @@
 """Compressed drop-in replacements for nn.Linear. Both compute y = x W + b with W never
 materialised: LowRankLinear as (x U) V, DictLinear as (x D) S with S column-sparse.
 
-DictLinear stores S as docs/method.md "Storage format" describes: a packed bitmask of its (k, d2) pattern
-(`mask`, see bitmask.py) plus the s values of each column in ascending row order
-(`coefs`, (d2, s), at the module's dtype; or `coefs14`, packed 14-bit codes, see
-coefficients.py). Row indices are derived from the mask when the module is first used
-and kept in a cache that follows the stored tensors."""
+DictLinear holds S in ELL form, as the forward reads it (kernels.py, docs/inference.md):
+`coefs` (d2, s), each column's values in ascending row order, and `rows` (d2, s) int16,
+their row indices. Saved folders store S as docs/method.md "Storage format" describes: a
+packed bitmask of its (k, d2) pattern (`mask`, bitmask.py) plus `coefs` or `coefs14`
+(packed 14-bit codes, coefficients.py); state_dict() writes that form and prepare() turns
+a loaded one into the ELL form."""
 from __future__ import annotations
 
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -20,7 +20,7 @@ from ..errors import CospadiError
 from . import kernels
 from .base import CompressedLinear
 from .bitmask import mask_to_columns, packed_size, pattern_to_mask
-from .coefficients import check_coef_bits, pack14, packed14_size, unpack14
+from .coefficients import check_coef_bits, pack14, packed14_size, truncate14, unpack14
 
 
 class LowRankLinear(CompressedLinear):
@@ -73,22 +73,22 @@ class LowRankLinear(CompressedLinear):
         return f"in_features={self.in_features}, out_features={self.out_features}, rank={self.rank}"
 
 
-@dataclass
-class _Runtime:
-    """What DictLinear derives from its stored tensors: built once, dropped when they change."""
-
-    key: tuple
-    columns: torch.Tensor  # (out, s) int32, ascending rows of each column of S
-    coefs: torch.Tensor  # (out, s) at the module's dtype, detached
-    csr: torch.Tensor | None = None  # S^T (out, k), built on the first sparse call
-
-
 class DictLinear(CompressedLinear):
     """y = (x @ dictionary) @ S + bias; dictionary (in, k); S (k, out) with exactly s
-    nonzeros per column, stored as `mask` (packed bits of its pattern) and `coefs`
-    (out, s) or `coefs14` (coef_bits=14). `values` and `indices` give S as (s, out)
-    values and ascending row indices. `path` picks the forward: "auto" (by input size
-    and device, see kernels.choose_path), "dense" or "sparse"."""
+    nonzeros per column, held in ELL form (kernels.py): `coefs` (out, s), column j's
+    values in ascending row order, and `rows` (out, s), their row indices (int16 up to
+    32768 atoms). `coefs` is a Parameter at the module's dtype, or with coef_bits=14 a
+    bf16 buffer that stays bf16 whatever the module's dtype (the 14-bit values are exact
+    there). That is all a prepared module holds besides the bias.
+
+    Saved folders store S as `mask` (packed bits of its pattern, bitmask.py) and `coefs`
+    or `coefs14` (packed 14-bit codes, coefficients.py): state_dict() writes that form,
+    computed from the ELL one; a module built by from_spec holds it as empty slots for the
+    loader, and prepare() (the quantizer calls it after loading; the first forward
+    otherwise) turns it into the ELL form and drops the slots. Reading `mask` or `coefs14`
+    on a prepared module computes them. `values` and `indices` give S as (s, out) values
+    and ascending row indices. `path` picks the forward: "auto" (by input size and
+    device, see kernels.choose_path), "dense" or "sparse" (ELL)."""
 
     kind = "dict"
     spec_fields = ("in_features", "out_features", "atoms", "sparsity")
@@ -112,7 +112,6 @@ class DictLinear(CompressedLinear):
                                                         device=device))
         self.bias = nn.Parameter(torch.zeros(out_features, dtype=dtype, device=device)) if bias else None
         self.path = "auto"
-        self._runtime: _Runtime | None = None
 
     @classmethod
     def from_spec(cls, spec: dict, dtype: torch.dtype, coef_bits: int | None) -> DictLinear:
@@ -130,73 +129,122 @@ class DictLinear(CompressedLinear):
 
     @classmethod
     def from_factors(cls, factors: Any, bias: torch.Tensor | None, dtype: torch.dtype) -> DictLinear:
-        """A module holding the given factors (cast to dtype) and a copy of `bias`;
-        factors.indices must be ascending in every column."""
+        """A prepared module holding the given factors (cast to dtype) and a copy of
+        `bias`; factors.indices (s, out) must be ascending in every column (ValueError)."""
         in_features, atoms = factors.dictionary.shape
         sparsity, out_features = factors.values.shape
+        indices = factors.indices
+        if indices.numel() and (int(indices.min()) < 0 or int(indices.max()) >= atoms
+                                or (sparsity > 1 and not bool((indices.diff(dim=0) > 0).all()))):
+            raise ValueError(f"row indices must be ascending in every column and lie in [0, {atoms})")
         module = cls(in_features, out_features, atoms, sparsity, bias is not None, dtype, factors.dictionary.device)
         with torch.no_grad():
             module.dictionary.copy_(factors.dictionary)
-            module.mask.copy_(pattern_to_mask(factors.indices, atoms))
-            module.coefs.copy_(factors.values.T)
             if bias is not None:
                 module.bias.copy_(bias)
+        module._hold_ell(indices.T, factors.values.T.to(dtype))
         return module
 
-    # ------------------------------------------------------------------ storage
+    # ------------------------------------------------------------------ the two forms of S
+    @property
+    def prepared(self) -> bool:
+        """Whether S is held in ELL form (True) or as the loader's storage slots."""
+        return "rows" in self._buffers
+
+    def _hold_ell(self, rows: torch.Tensor, coefs: torch.Tensor) -> None:
+        """Hold S as `rows` and `coefs` (out, s), dropping the storage slots."""
+        self._buffers.pop("mask", None)
+        self._buffers.pop("coefs14", None)
+        self.register_buffer("rows", rows.to(kernels.index_dtype(self.atoms)).contiguous(), persistent=False)
+        if self.coef_bits is None:
+            self.coefs = coefs if isinstance(coefs, nn.Parameter) else nn.Parameter(coefs.contiguous())
+        else:
+            self._parameters.pop("coefs", None)
+            self.register_buffer("coefs", coefs.to(torch.bfloat16).contiguous(), persistent=False)
+
+    def _hold_slots(self) -> None:
+        """Back to the storage form (empty slots), so load_state_dict can copy into it."""
+        device = self.dictionary.device
+        self._buffers.pop("rows", None)
+        self.register_buffer("mask", torch.zeros(packed_size(self.atoms * self.out_features), dtype=torch.uint8,
+                                                 device=device))
+        if self.coef_bits is not None:
+            self._buffers.pop("coefs", None)
+            self.register_buffer("coefs14", torch.zeros(packed14_size(self.out_features * self.sparsity),
+                                                        dtype=torch.uint8, device=device))
+
+    def prepare(self) -> DictLinear:
+        """Turn the storage form into the ELL form: row indices from the mask (checking that
+        every column has exactly s bits: CospadiError otherwise), packed values decoded to
+        bf16; the mask and packed values are dropped. A no-op when already prepared; runs
+        by itself on first use. Returns self."""
+        if self.prepared:
+            return self
+        rows = mask_to_columns(self._buffers["mask"], self.atoms, self.out_features, self.sparsity)
+        if self.coef_bits is None:
+            coefs = self.coefs
+        else:
+            coefs = unpack14(self._buffers["coefs14"], self.out_features * self.sparsity).view(self.out_features,
+                                                                                                self.sparsity)
+        self._hold_ell(rows, coefs)
+        return self
+
     def compact_(self, coef_bits: int | None) -> DictLinear:
-        """Store the values with `coef_bits` (14: truncated to 14 bits and packed; None:
-        keep as they are). In place; a no-op when already so. Returns self."""
+        """Store the values with `coef_bits` (14: truncated to 14 bits, held as bf16 and
+        saved packed; None: keep as they are). In place; a no-op when already so. Returns self."""
         check_coef_bits(coef_bits)
         if coef_bits == self.coef_bits or coef_bits is None:
             return self
-        packed = pack14(self.coefs.detach())
-        del self.coefs
-        self.register_buffer("coefs14", packed)
+        self.prepare()
+        rows, values = self._buffers["rows"], truncate14(self.coefs.detach())
         self.coef_bits = coef_bits
-        self._runtime = None
+        self._hold_ell(rows, values)
         return self
 
-    def _stored_coefs(self) -> torch.Tensor:
-        """(out, s) values at the module's dtype; the Parameter itself when not packed."""
-        if self.coef_bits is None:
-            return self.coefs
-        return unpack14(self.coefs14, self.out_features * self.sparsity).view(
-            self.out_features, self.sparsity).to(self.dictionary.dtype)
+    def storage_tensors(self) -> dict[str, torch.Tensor]:
+        """What a saved folder holds for S: `mask` and `coefs` or `coefs14` (computed from
+        the ELL form when prepared)."""
+        if not self.prepared:
+            return {name: t for name, t in (("mask", self._buffers.get("mask")), ("coefs14", self._buffers.get("coefs14")),
+                                            ("coefs", self._parameters.get("coefs"))) if t is not None}
+        rows, coefs = self._buffers["rows"], self.coefs
+        mask = pattern_to_mask(rows.T, self.atoms)
+        return {"mask": mask, **({"coefs": coefs} if self.coef_bits is None else {"coefs14": pack14(coefs.detach())})}
 
-    def _key(self) -> tuple:
-        """Identifies the stored tensors the cache was derived from: objects, storage,
-        in-place versions (inference tensors keep none, and cannot change outside
-        inference mode) and the compute dtype. Cheap: it runs on every forward."""
-        mask = self._buffers["mask"]
-        stored = self._parameters["coefs"] if self.coef_bits is None else self._buffers["coefs14"]
-        return (id(mask), mask.data_ptr(), -1 if mask.is_inference() else mask._version,
-                id(stored), stored.data_ptr(), -1 if stored.is_inference() else stored._version,
-                self._parameters["dictionary"].dtype)
+    def stored_tensors(self) -> dict[str, torch.Tensor]:
+        return {"dictionary": self.dictionary, **self.storage_tensors()}
 
-    def prepare(self) -> DictLinear:
-        """Derive the row indices from the mask (checking that every column has exactly s
-        bits: CospadiError otherwise) and decode packed values. Runs by itself on first
-        use; call it after loading to fail early. Returns self."""
-        key = self._key()
-        if self._runtime is None or self._runtime.key != key:
-            columns = mask_to_columns(self.mask, self.atoms, self.out_features, self.sparsity)
-            self._runtime = _Runtime(key, columns, self._stored_coefs().detach())
-        return self
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+        if self.prepared:
+            for name, tensor in self.storage_tensors().items():
+                destination[prefix + name] = tensor if keep_vars else tensor.detach()
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        if self.prepared:
+            self._hold_slots()
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+    def __getattr__(self, name: str) -> Any:
+        if name in ("mask", "coefs14") and "rows" in self.__dict__.get("_buffers", {}):
+            stored = self.storage_tensors()
+            if name in stored:
+                return stored[name]
+        return super().__getattr__(name)
 
     @property
     def values(self) -> torch.Tensor:
-        """S's stored values, (s, out): column j's values in ascending row order."""
-        return self._stored_coefs().T
+        """S's stored values, (s, out) at the module's dtype: column j's values in ascending row order."""
+        return self.prepare().coefs.T.to(self.dictionary.dtype)
 
     @property
     def indices(self) -> torch.Tensor:
-        """S's row indices, (s, out) int32, ascending in every column."""
-        return self.prepare()._runtime.columns.T
+        """S's row indices, (s, out) (int16 up to 32768 atoms, else int32), ascending in every column."""
+        return self.prepare()._buffers["rows"].T
 
     def coefficients(self) -> torch.Tensor:
         """S as a dense (k, out) tensor."""
-        dense = torch.zeros(self.atoms, self.out_features, dtype=self.dictionary.dtype, device=self.mask.device)
+        dense = torch.zeros(self.atoms, self.out_features, dtype=self.dictionary.dtype, device=self.dictionary.device)
         return dense.scatter(0, self.indices.long(), self.values)
 
     def dense_weight(self) -> torch.Tensor:
@@ -205,35 +253,32 @@ class DictLinear(CompressedLinear):
 
     # ------------------------------------------------------------------ compute
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        runtime = self._runtime
-        if runtime is None or runtime.key != self._key():
-            runtime = self.prepare()._runtime
+        rows = self._buffers.get("rows")
+        if rows is None:
+            rows = self.prepare()._buffers["rows"]
+        coefs = self._parameters["coefs"] if self.coef_bits is None else self._buffers["coefs"]
         flat = x.reshape(-1, self.in_features)
         dictionary = self._parameters["dictionary"]
-        coefs = self._parameters["coefs"] if self.coef_bits is None else runtime.coefs
         path = self.path
         if path == "auto":
             needs_grad = torch.is_grad_enabled() and (dictionary.requires_grad or coefs.requires_grad
                                                       or x.requires_grad)
-            path = kernels.choose_path(flat.shape[0], x.device, needs_grad)
+            path = kernels.choose_path(flat.shape[0], x.device, needs_grad, x.dtype)
         if path == "sparse":
-            if runtime.csr is None:
-                runtime.csr = kernels.build_csr(runtime.columns, runtime.coefs, self.atoms)
-            y = kernels.sparse_forward(flat, dictionary, runtime.csr, self.bias)  # chosen only without autograd
+            y = kernels.sparse_forward(flat, dictionary, coefs, rows, self.bias)  # chosen only without autograd
         elif path == "dense":
-            y = kernels.dense_forward(flat, dictionary, runtime.columns, coefs, self.bias)
+            y = kernels.dense_forward(flat, dictionary, coefs, rows, self.bias)
         else:
             raise CospadiError(f"unknown path {path!r}; choose one of {', '.join(kernels.PATHS)}")
         return y.view(*x.shape[:-1], self.out_features)
 
-    def _apply(self, fn, recurse: bool = True):  # .to(), .half(), ...: the cache follows on next use
-        self._runtime = None
-        return super()._apply(fn, recurse)
-
-    def __getstate__(self) -> dict:
-        state = self.__dict__.copy()
-        state["_runtime"] = None
-        return state
+    def _apply(self, fn, recurse: bool = True):
+        """.to(), .half(), ...: bf16-held 14-bit values move with the module but keep their dtype."""
+        held = self._buffers.pop("coefs", None) if self.coef_bits is not None else None
+        result = super()._apply(fn, recurse)
+        if held is not None:
+            self._buffers["coefs"] = held.to(self.dictionary.device)
+        return result
 
     def extra_repr(self) -> str:
         bits = f", coef_bits={self.coef_bits}" if self.coef_bits else ""

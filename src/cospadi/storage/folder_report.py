@@ -17,11 +17,11 @@ def stored_linear_bytes(model: nn.Module) -> tuple[int, int]:
     would take as dense weights of the same dtype); biases excluded from both, a factor
     shared by several modules (per-group mode) counted once."""
     stored = dense = 0
-    seen: set[int] = set()
+    seen: dict[int, object] = {}  # id -> tensor, kept alive: stored_tensors may compute fresh ones (ids reused)
     for _, module in compressed_modules(model):
         tensors = module.stored_tensors()
         stored += sum(t.numel() * t.element_size() for t in tensors.values() if id(t) not in seen)
-        seen.update(id(t) for t in tensors.values())
+        seen.update((id(t), t) for t in tensors.values())
         dense += module.in_features * module.out_features * module.factor_dtype.itemsize
     return stored, dense
 

@@ -9,7 +9,8 @@ and the index, and the files against the sha256 that cospadi.json beside them re
 (when it records any), and swaps every listed nn.Linear for the compressed module its entry
 describes (on the meta device, at the model's dtype); the weights then load by name into
 those modules; afterwards every compressed module prepares itself (checks its mask,
-derives its row indices)."""
+turns it into ELL row indices and drops it, see layers/linear.py), before the memory
+layout is fixed (memory.py)."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -33,7 +34,7 @@ from .folder_checks import (
     verify_checksums,
     weight_files,
 )
-from .memory import realign, release_weight_files
+from .memory import realign, release_weight_files, trim_heap
 from .sharing import tie_shared
 
 
@@ -67,10 +68,11 @@ class CospadiHfQuantizer(HfQuantizer):
         return model
 
     def _process_model_after_weight_loading(self, model, **kwargs):
+        for _, module in compressed_modules(model):  # ELL form first: mask and packed values are dropped
+            module.prepare()
         realign(model)
         release_weight_files(model)
-        for _, module in compressed_modules(model):
-            module.prepare()
+        trim_heap()  # the conversion's freed temporaries
         return model
 
     def is_serializable(self, *args, **kwargs) -> bool:
