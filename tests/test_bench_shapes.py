@@ -1,5 +1,6 @@
 """`cospadi bench-shapes`: every solver of a cell side by side on the same matrix, the
-overcomplete default never above the complete dictionary's error, the relative columns
+overcomplete default never above the complete dictionary's error nor the K-SVD sweeps'
+(its previous dictionary update), the relative columns
 consistent with the absolute ones, and the whole-model estimate summing its blocks."""
 
 import pytest
@@ -15,13 +16,17 @@ def test_a_cell_compares_every_solver_on_one_matrix():
     by = {r["solver"]: r for r in rows}
     assert list(by) == list(shapes.CONFIGS)
     assert by["default"]["k"] > 24 and by["complete"]["k"] == 24
-    assert by["default"]["s"] == by["complete"]["s"] == by["before"]["s"]
+    assert by["default"]["s"] == by["complete"]["s"] == by["before"]["s"] == by["mod"]["s"]
     assert by["default"]["error"] <= by["complete"]["error"] * (1 + 1e-6)
+    assert by["mod"]["error"] <= by["complete"]["error"] * (1 + 1e-6)
+    assert by["mod"]["error"] <= by["default"]["error"] * (1 + 1e-6)  # the block update fits no worse
     assert by["svd-llm"]["error"] > by["complete"]["error"]
     for r in rows:
         assert r["error / complete"] == pytest.approx(r["error"] / by["complete"]["error"])
+        assert r["error / default"] == pytest.approx(r["error"] / by["default"]["error"])
+        assert r["time / default"] == pytest.approx(r["seconds"] / by["default"]["seconds"])
         assert r["time / svd-llm"] == pytest.approx(r["seconds"] / by["svd-llm"]["seconds"])
-    assert by["complete"]["time / complete"] == 1.0
+    assert by["complete"]["time / complete"] == by["default"]["time / default"] == 1.0
 
 
 def test_the_estimate_multiplies_one_block_by_the_block_count(monkeypatch):

@@ -13,6 +13,7 @@ from cospadi.errors import CospadiError
 from cospadi.layers.base import compressed_modules
 from cospadi.pipeline import Recipe, compress_blocks
 from cospadi.solvers import SolverOptions, cospadi, learn_dictionary, output_error, single_step
+from cospadi.solvers.options import UPDATES
 from cospadi.solvers.orthogonal import hard_threshold
 from cospadi.solvers.pursuit import column_objective, htp_code, refit_on_support
 
@@ -92,23 +93,25 @@ def test_htp_recovers_a_planted_sparse_code():
     assert objective(y, d, coef) < 1e-10 * float((y * y).sum())
 
 
+@pytest.mark.parametrize("update", UPDATES)
 @pytest.mark.parametrize("seed", [0, 1])
-def test_overcomplete_is_never_worse_than_the_complete_dictionary(seed):
+def test_overcomplete_is_never_worse_than_the_complete_dictionary(seed, update):
     y = random_signals(32, 400, seed=seed).float()
     s = 20
-    complete = learn_dictionary(y, 32, s, SolverOptions())
-    over = learn_dictionary(y, 44, s, SolverOptions())
+    complete = learn_dictionary(y, 32, s, SolverOptions(update=update))
+    over = learn_dictionary(y, 44, s, SolverOptions(update=update))
     assert over.dictionary.shape == (32, 44)
     assert bool((over.indices.sort(0).values == over.indices).all())
     assert result_error(y, over) <= result_error(y, complete) * (1 + 1e-6)
-    longer = learn_dictionary(y, 44, s, SolverOptions(iters=3))  # three coding alternations: the objective never rises
+    longer = learn_dictionary(y, 44, s, SolverOptions(iters=3, update=update))  # three coding alternations: the objective never rises
     assert len(longer.objective) == 3 and longer.objective[0] <= result_error(y, complete) * (1 + 1e-6)
     assert all(b <= a * (1 + 1e-6) for a, b in zip(longer.objective, longer.objective[1:]))
 
 
-def test_more_atoms_at_the_same_sparsity_never_fit_worse():
+@pytest.mark.parametrize("update", UPDATES)
+def test_more_atoms_at_the_same_sparsity_never_fit_worse(update):
     for y in (random_signals(24, 300, seed=5).float(), planted(24, 40, 10, 300, seed=6)[2].float()):
-        errors = [result_error(y, learn_dictionary(y, k, 10, SolverOptions())) for k in (24, 28, 32, 40)]
+        errors = [result_error(y, learn_dictionary(y, k, 10, SolverOptions(update=update))) for k in (24, 28, 32, 40)]
         for smaller, larger in zip(errors, errors[1:]):
             assert larger <= smaller * (1 + 1e-5), errors
 

@@ -41,7 +41,7 @@ def add_bench_parsers(sub: argparse._SubParsersAction) -> None:
                    help=f"comma-separated, from {', '.join(bench.BENCH_METHODS)} (cospadi-group: cospadi per group), "
                         f"each optionally with {bench.KNAPSACK} (per-matrix ratios; --allocation knapsack adds it to all)")
     b.add_argument("--group-size", type=int, default=2, help="blocks per group of basis-sharing and cospadi-group")
-    add_allocation_args(b)
+    add_allocation_args(b, f"knapsack: add {bench.KNAPSACK} to every label (a label without it runs uniform)")
     b.add_argument("--lastword-examples", type=int, default=bench.DEFAULT_LASTWORD_EXAMPLES,
                    help="last-word accuracy passages per cell (lm-eval, offline; 0: skip)")
     b.add_argument("--wordppl-docs", type=int, default=bench.DEFAULT_WORDPPL_DOCS,
@@ -174,8 +174,9 @@ def run_bench_shapes(args: argparse.Namespace) -> list[dict]:
         say = (lambda text: None) if args.quiet else (lambda text: print(text, file=sys.stderr, flush=True))
         rows = bench_shapes.compare_shapes(cases, ratios, configs, args.repeats, device, progress=say)
         header = (f"Solver time per matrix (median of {args.repeats}) and relative output error ||X(W - W')|| / "
-                  f"||X W||; complete = the default solver with k = d1 atoms and the same s; before = the k > d1 "
-                  f"path this replaced (SVD start, one Batch-OMP alternation); {where(device)}.\n\n"
+                  f"||X W||; complete = the default solver with k = d1 atoms and the same s; mod = the default "
+                  f"with block (MOD) updates of all atoms instead of its K-SVD sweeps (--update mod); before = the k > d1 "
+                  f"path the overcomplete start replaced (SVD start, one Batch-OMP alternation); {where(device)}.\n\n"
                   f"Reproduce: `{command}`\n")
         bench.write_section(Path(args.output), f"shapes-{args.cases}-{args.ratios}", header + "\n" + results_table(rows))
     if args.estimate:

@@ -8,8 +8,10 @@ MLP's gate and up make the dictionary overcomplete (k > d1), side by side in one
   on 2 CPU cores, so not in the default set);
 * solvers: svd-llm at the same ratio; "complete", the default solver with k = d1 atoms
   and the same s (the error the overcomplete solver must not exceed, and its time
-  reference); "default", the overcomplete default; "before", what the default did for
-  k > d1 before it (an SVD start and one Batch-OMP alternation, then the sweeps).
+  reference); "default", the overcomplete default (atom-by-atom K-SVD sweeps); "mod",
+  the default with block (MOD) updates of all atoms at once instead (`--update mod`);
+  "before", what the default did for k > d1 before the overcomplete start (an SVD start
+  and one Batch-OMP alternation, then K-SVD sweeps).
 
 `--estimate` adds the whole-model estimate: the solver time of every matrix of one block
 of a model with Qwen2.5-0.5B's shapes (hidden 896, MLP 4864, 14 heads of 64, 2 KV heads)
@@ -28,10 +30,10 @@ from ..solvers import SolverOptions, cospadi, output_error, svd_llm
 from .solver import block_matrices, time_solver
 
 Case = tuple[torch.Tensor, torch.Tensor]  # W (d1, d2), Gram (d1, d1), float64
-BEFORE = SolverOptions(init="svd", iters=1, coder="omp")  # the k > d1 path before the overcomplete start
+BEFORE = SolverOptions(init="svd", iters=1, coder="omp", update="ksvd")  # k > d1 before the overcomplete start
 CASES = ("smollm2-gate", "smollm2-gate-up", "random-896x4864", "random-4096x14336")
 DEFAULT_CASES = CASES[:3]
-CONFIGS = ("svd-llm", "complete", "default", "before")
+CONFIGS = ("svd-llm", "complete", "default", "mod", "before")
 QWEN05 = {"self_attn.q_proj": (896, 896), "self_attn.k_proj": (896, 128), "self_attn.v_proj": (896, 128),
           "self_attn.o_proj": (896, 896), "mlp.gate_proj": (896, 4864), "mlp.up_proj": (896, 4864),
           "mlp.down_proj": (4864, 896)}
@@ -76,6 +78,7 @@ def _solvers(weight: torch.Tensor, gram: torch.Tensor, ratio: float,
     return {"svd-llm": (lambda: svd_llm(weight, gram, lowrank_budget(d1, d2, ratio)), None),
             "complete": (lambda: cospadi(weight, gram, complete, options), complete),
             "default": (lambda: cospadi(weight, gram, budget, options), budget),
+            "mod": (lambda: cospadi(weight, gram, budget, options.but(update="mod")), budget),
             "before": (lambda: cospadi(weight, gram, budget, BEFORE), budget)}
 
 
@@ -83,8 +86,8 @@ def compare_shapes(cases: dict[str, Case], ratios: list[float], configs: list[st
                    device: torch.device = torch.device("cpu"), options: SolverOptions = SolverOptions(),
                    progress: Callable[[str], object] = lambda _: None) -> list[dict]:
     """One row per (case, ratio, config): k, s, relative output error, median seconds of
-    `repeats` runs, and error and time relative to "complete" and time relative to
-    "svd-llm" (when those configs are in the run)."""
+    `repeats` runs, and error and time relative to "complete" and "default" and time
+    relative to "svd-llm" (when those configs are in the run)."""
     rows = []
     for name, (weight, gram) in cases.items():
         weight, gram = weight.to(device), gram.to(device)
@@ -106,12 +109,13 @@ def compare_shapes(cases: dict[str, Case], ratios: list[float], configs: list[st
 
 
 def _relate(cell: list[dict]) -> None:
-    """Add error and time ratios against the cell's "complete" and "svd-llm" rows."""
+    """Add error and time ratios against the cell's "complete", "default" and "svd-llm" rows."""
     by = {r["solver"]: r for r in cell}
     for r in cell:
-        if "complete" in by:
-            r["error / complete"] = r["error"] / by["complete"]["error"]
-            r["time / complete"] = r["seconds"] / by["complete"]["seconds"]
+        for reference in ("complete", "default"):
+            if reference in by:
+                r[f"error / {reference}"] = r["error"] / by[reference]["error"]
+                r[f"time / {reference}"] = r["seconds"] / by[reference]["seconds"]
         if "svd-llm" in by:
             r["time / svd-llm"] = r["seconds"] / by["svd-llm"]["seconds"]
 
@@ -140,11 +144,11 @@ def _estimate_row(matrix: str, k: int | str, overcomplete: bool | str, low: floa
 
 
 def pipeline_estimate(ratio: float, samples: int = 32, seq_len: int = 512, seed: int = 0,
-                      blocks: int = 2) -> dict:
+                      blocks: int = 2, options: SolverOptions = SolverOptions()) -> dict:
     """The whole pipeline (calibration, solving on the default worker threads,
-    propagation) run with svd-llm and with cospadi on a random `blocks`-block model of
-    Qwen2.5-0.5B's shapes and `samples` x `seq_len` random tokens; their seconds per block
-    times 24 blocks, as a row like estimate_model's."""
+    propagation) run with svd-llm and with cospadi (under `options`) on a random
+    `blocks`-block model of Qwen2.5-0.5B's shapes and `samples` x `seq_len` random tokens;
+    their seconds per block times 24 blocks, as a row like estimate_model's."""
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
     from ..pipeline import Recipe, compress_blocks
@@ -156,6 +160,7 @@ def pipeline_estimate(ratio: float, samples: int = 32, seq_len: int = 512, seed:
     for method in ("svd-llm", "cospadi"):
         torch.manual_seed(seed)
         model = Qwen2ForCausalLM(config).eval()
-        seconds[method] = compress_blocks(model, ids, Recipe(method, ratio), progress=False).seconds / blocks
+        recipe = Recipe(method, ratio, options)
+        seconds[method] = compress_blocks(model, ids, recipe, progress=False).seconds / blocks
     return _estimate_row(f"{QWEN05_BLOCKS} blocks through the pipeline (measured on {blocks}, {samples} x {seq_len} "
                          "tokens)", "-", "-", QWEN05_BLOCKS * seconds["svd-llm"], QWEN05_BLOCKS * seconds["cospadi"])

@@ -23,6 +23,8 @@ from ..solvers import PAPER, SolverOptions, output_error, svd_llm
 CONFIGS: dict[str, SolverOptions] = {
     "default": SolverOptions(),
     "default-40": SolverOptions(rounds=40),  # the default with a longer orthogonal start
+    "mod": SolverOptions(update="mod"),  # the default with block (MOD) updates instead of K-SVD sweeps
+    "mod-16": SolverOptions(update="mod", sweeps=16),  # twice mod's passes
     "paper": PAPER,
     "orthogonal": SolverOptions(solver="orthogonal"),
     "single-step": SolverOptions(solver="single-step"),
@@ -36,7 +38,8 @@ def describe_options(o: SolverOptions) -> str:
     if o.solver != "ksvd":
         return o.solver
     start = f"orthogonal start ({o.rounds} rounds)" if o.init == "orthogonal" else f"{o.init} start"
-    return f"ksvd {start}, {o.iters} OMP alt., {o.sweeps} sweeps, {o.power_iters} power it."
+    update = f"{o.sweeps} MOD passes" if o.update == "mod" else f"{o.sweeps} sweeps, {o.power_iters} power it."
+    return f"ksvd {start}, {o.iters} {o.coder.upper()} alt., {update}"
 
 
 def block_matrices(model_name: str, block: int, calib_samples: int, seq_len: int, seed: int,

@@ -1,4 +1,5 @@
-"""Sparse dictionary learning (K-SVD with Batch-OMP) and the CoSpaDi solver built on it.
+"""Sparse dictionary learning (K-SVD style alternations of sparse coding and dictionary
+updates) and the CoSpaDi solver built on it.
 
 learn_dictionary works on any (n, m) matrix; cospadi() applies it to the whitened weight
 L W so that the learned factors minimise the calibration output error ||X (W - D S)||_F."""
@@ -10,6 +11,7 @@ import torch
 
 from ..budget import DictBudget
 from ..errors import CospadiError
+from .block import block_update
 from .factors import DictionaryResult, SparseDictFactors, sparse_from_dense
 from .omp import batch_omp
 from .options import SolverOptions
@@ -46,10 +48,11 @@ def learn_dictionary(signals: torch.Tensor, atoms: int, sparsity: int, options: 
     """Minimise ||Y - D S||_F^2 over D (n, k) and S (k, m) with exactly s nonzeros per
     column of S (the ksvd solver; `options.solver` is not read). `options.iters`
     alternations of (1) sparse coding by `options.coder` ("htp": hard thresholding
-    pursuit, solvers/pursuit.py; "omp": Batch-OMP) and (2) `options.sweeps` K-SVD sweeps
-    over the atoms, each atom's rank-1 fit taken by `options.power_iters` power iterations
-    warm-started at the current atom; the support found by the coder is kept through the
-    sweeps. solvers.options.PAPER is the paper's solver.
+    pursuit, solvers/pursuit.py; "omp": Batch-OMP) and (2) `options.sweeps` dictionary
+    updates on the support the coder found (update_dictionary: by `options.update`, "mod"
+    block passes over all atoms at once, solvers/block.py, or "ksvd" sweeps, each atom's
+    rank-1 fit taken by `options.power_iters` power iterations warm-started at the current
+    atom). solvers.options.PAPER is the paper's solver.
 
     Start: the (n, k) tensor `start` when given, else by `options.init`: "random" (k
     columns chosen with `options.seed`), "svd" (top singular vectors), "orthogonal"
@@ -60,9 +63,10 @@ def learn_dictionary(signals: torch.Tensor, atoms: int, sparsity: int, options: 
     the result never fits worse than the complete dictionary at the same s.
 
     The objective never increases: a column whose new code fits worse than its previous
-    code under the same dictionary keeps the previous one, and the warm-started power
-    iteration never lowers an atom's Rayleigh quotient. objective[t] is recorded after
-    each round of sweeps; on_iter(t, objective) is called then."""
+    code under the same dictionary keeps the previous one, a MOD pass that would raise it
+    is undone, and the warm-started power iteration never lowers an atom's Rayleigh
+    quotient. objective[t] is recorded after each round of updates; on_iter(t, objective)
+    is called then."""
     y = signals
     iters, n = options.iters, y.shape[0]
     coef = support = None
@@ -81,17 +85,16 @@ def learn_dictionary(signals: torch.Tensor, atoms: int, sparsity: int, options: 
         raise ValueError("iters must be at least 1 unless the start provides codes")
     history: list[float] = []
 
-    def update(coef: torch.Tensor, support: torch.Tensor, residual: torch.Tensor) -> None:
-        _update_atoms(d, coef, support, residual, options.power_iters, options.sweeps)
-        history.append(float((residual * residual).sum()))
+    def update(coef: torch.Tensor, support: torch.Tensor) -> None:
+        history.append(update_dictionary(y, d, coef, support, options))
         if on_iter is not None:
             on_iter(len(history) - 1, history[-1])
 
     if coef is not None and support is not None and not swept:
-        update(coef, support, y - d @ coef)
+        update(coef, support)
     for _ in range(iters):
         coef, support = _code(d, y, sparsity, coef, support, options.coder)
-        update(coef, support, y - d @ coef)
+        update(coef, support)
     assert coef is not None and support is not None  # iters >= 1 or a start with codes
     indices, values = sparse_from_dense(coef, support)
     return DictionaryResult(d, indices, values, history)
@@ -107,8 +110,8 @@ def dense_codes(indices: torch.Tensor, values: torch.Tensor, atoms: int) -> tupl
 def overcomplete_start(signals: torch.Tensor, atoms: int, sparsity: int,
                        options: SolverOptions) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """A start for k = `atoms` > n atoms that fits exactly as well as the complete solution:
-    learn_dictionary with k = n at the same s (the orthogonal start and its sweeps, no
-    coding), then k - n unit atoms along the top left singular vectors of its residual
+    learn_dictionary with k = n at the same s (the orthogonal start and its dictionary
+    updates, no coding), then k - n unit atoms along the top left singular vectors of its residual
     Y - D S (the worst-fitted directions; seeded random ones past the residual's rank),
     unused so far. Returns (dictionary (n, k), codes (k, m), support (k, m))."""
     y = signals
@@ -142,6 +145,18 @@ def _code(d: torch.Tensor, y: torch.Tensor, sparsity: int, coef: torch.Tensor | 
         worse = (new_residual * new_residual).sum(0) > (old_residual * old_residual).sum(0)
         new_coef[:, worse], new_support[:, worse] = coef[:, worse], support[:, worse]
     return new_coef, new_support
+
+
+def update_dictionary(signals: torch.Tensor, dictionary: torch.Tensor, coef: torch.Tensor, support: torch.Tensor,
+                      options: SolverOptions) -> float:
+    """`options.sweeps` dictionary updates of (D (n, k), codes (k, m)) in place on the fixed
+    support (k, m), by `options.update`: "mod" (block.block_update, all atoms at once) or
+    "ksvd" (atom-by-atom rank-1 sweeps). Never raises ||Y - D S||_F^2; returns it."""
+    if options.update == "mod":
+        return block_update(signals, dictionary, coef, support, options.sweeps)
+    residual = signals - dictionary @ coef
+    _update_atoms(dictionary, coef, support, residual, options.power_iters, options.sweeps)
+    return float((residual * residual).sum())
 
 
 def _update_atoms(d: torch.Tensor, coef: torch.Tensor, support: torch.Tensor, residual: torch.Tensor,

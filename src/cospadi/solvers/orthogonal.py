@@ -58,14 +58,11 @@ def single_step(signals: torch.Tensor, atoms: int, sparsity: int) -> DictionaryR
     coefficients = torch.zeros(atoms, signals.shape[1], dtype=signals.dtype, device=signals.device)
     coefficients[:k] = sigma[:k, None] * vh[:k]
     coef, support = hard_threshold(coefficients, sparsity)
-    live = coef.abs().sum(1) > 0
-    # argmin_D ||Y - D S||_F from the normal equations D (S S^T) = Y S^T over the used atoms,
-    # in float64 with a relative ridge; Cholesky keeps it bit-reproducible (lstsq is not).
-    used = coef[live].double()
-    normal = used @ used.T
-    normal.diagonal().add_(1e-10 * float(normal.diagonal().mean()) + torch.finfo(normal.dtype).tiny)
-    d = torch.zeros(signals.shape[0], atoms, dtype=signals.dtype, device=signals.device)
-    d[:, live] = torch.cholesky_solve((signals.double() @ used.T).T, torch.linalg.cholesky(normal)).T.to(d.dtype)
+    from .block import least_squares_dictionary  # here: block -> pursuit -> this module
+
+    # argmin_D ||Y - D S||_F over the used atoms, all in float64 (unused atoms: zero columns).
+    zero = torch.zeros(signals.shape[0], atoms, dtype=torch.float64, device=signals.device)
+    d = least_squares_dictionary(signals.double(), coef.double(), zero).to(signals.dtype)
     norms = d.norm(dim=0)
     scaled = norms > 0
     d[:, scaled] /= norms[scaled]
