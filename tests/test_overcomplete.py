@@ -103,7 +103,8 @@ def test_overcomplete_is_never_worse_than_the_complete_dictionary(seed, update):
     assert over.dictionary.shape == (32, 44)
     assert bool((over.indices.sort(0).values == over.indices).all())
     assert result_error(y, over) <= result_error(y, complete) * (1 + 1e-6)
-    longer = learn_dictionary(y, 44, s, SolverOptions(iters=3, update=update))  # three coding alternations: the objective never rises
+    # three coding alternations: the objective never rises
+    longer = learn_dictionary(y, 44, s, SolverOptions(iters=3, update=update))
     assert len(longer.objective) == 3 and longer.objective[0] <= result_error(y, complete) * (1 + 1e-6)
     assert all(b <= a * (1 + 1e-6) for a, b in zip(longer.objective, longer.objective[1:]))
 

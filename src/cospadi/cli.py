@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import subprocess
 import sys
 import time
 from dataclasses import asdict
@@ -31,12 +33,15 @@ from .errors import CospadiError
 from .evaluation.perplexity import perplexity
 from .files import atomic_file, check_output_file, check_output_folder
 from .layers.base import compressed_modules
+from .memory_estimate import estimate_memory
 from .methods import method_names
-from .models import cache_dir, load_model
-from .pruning.plan import check_plan, resolve_method_group_size
+from .models import BUILTIN_MODELS, builtin_model_dir, cache_dir, load_model
+from .pipeline import distributed
+from .pruning.plan import check_plan, is_depth_method, resolve_method_group_size
 from .pruning.save import save_model
 from .report import CompressionReport, peak_rss_mb, results_table
 from .resume import check_resume_dir
+from .solvers import SolverOptions
 from .storage import export
 from .storage.checkpoint import DTYPES, parse_dtype
 
@@ -75,6 +80,15 @@ def build_parser() -> argparse.ArgumentParser:
                    help="storage dtype of --out (default: the model's own, so the reload is exact)")
     c.add_argument("--coef-bits", type=int, default=None, choices=[14],
                    help="store the values of S in 14 bits (bf16 less 2 mantissa bits; pays for the bitmask)")
+    c.add_argument("--lazy", action="store_true",
+                   help="load the model folder block by block and write each compressed block out as it finishes: "
+                        "memory independent of depth (needs --out; no perplexity, --resume-dir or knapsack; "
+                        "docs/scale.md)")
+    c.add_argument("--nproc", type=int, default=None,
+                   help="run on this many processes (torchrun; gloo on CPUs, NCCL on GPUs): the calibration windows and "
+                        "the solves are split across them, the output is the same bytes (docs/scale.md)")
+    c.add_argument("--dist-timeout", type=float, default=1800,
+                   help="seconds a rank waits for the others before stopping the run (a rank that dies stops it at once)")
     e = sub.add_parser("eval", help="perplexity (and lm-eval tasks) of a model or of a saved cospadi output folder")
     add_text_args(e)
     add_device_arg(e, "the model")
@@ -110,6 +124,39 @@ def run_compress(args: argparse.Namespace) -> list[dict]:
     _check_outputs(args)
     device = resolve_device(args.device)
     group_size = resolve_method_group_size(args.method, args.group_size)
+    if args.lazy:
+        if distributed.launched():
+            raise CospadiError("--lazy runs on one process: leave out --nproc (or torchrun)")
+        return _run_compress_lazy(args, options, device, group_size)
+    if distributed.launched():
+        return _run_compress_ranks(args, options, device, group_size)
+    return _run_compress(args, options, device, group_size)
+
+
+def _run_compress_ranks(args: argparse.Namespace, options: SolverOptions, device: torch.device,
+                        group_size: int | None) -> list[dict]:
+    """One rank of a run torchrun started (pipeline/distributed.py): rank 0 evaluates,
+    prints and writes; the others only share the compression."""
+    if is_depth_method(args.method) or args.allocation not in (None, "uniform"):
+        raise CospadiError("several processes (--nproc, torchrun) run a per-matrix method at a uniform ratio: leave "
+                           "out --nproc, or --allocation / the depth method")
+    if device.type == "cuda":
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+    args = argparse.Namespace(**{**vars(args), "allocation": "uniform"})  # the knapsack default needs one process
+    ranks = distributed.init(args.dist_timeout, device)
+    try:
+        if ranks.rank != 0:
+            args = argparse.Namespace(**{**vars(args), "quiet": True, "eval_windows": 0, "out": None, "json": None})
+        rows = _run_compress(args, options, device, group_size)
+        ranks.barrier()  # rank 0 has written its files
+        return rows if ranks.rank == 0 else []
+    finally:
+        distributed.finish()
+
+
+def _run_compress(args: argparse.Namespace, options: SolverOptions, device: torch.device,
+                  group_size: int | None) -> list[dict]:
+    """run_compress once the arguments are checked: the model loaded whole."""
     calib_texts, eval_texts = load_corpus(args.data)
     model, tokenizer = load_model(args.model)
     check_seq_len(model, args.seq_len)
@@ -118,6 +165,7 @@ def run_compress(args: argparse.Namespace) -> list[dict]:
                            f"original, or make a dense model of it with `cospadi export --dense {args.model} OUT` "
                            "and compress that")
     check_plan(model, args.method, args.ratio, options, group_size)  # before the minutes of dense evaluation
+    _print_estimate(model, args, device, group_size)
     ids = api.calibration_ids(model, tokenizer, calib_texts, args.calib_samples, args.seq_len, args.seed)
     windows = api.evaluation_ids(model, tokenizer, eval_texts, args.seq_len, args.eval_windows) \
         if args.eval_windows else None
@@ -138,6 +186,47 @@ def run_compress(args: argparse.Namespace) -> list[dict]:
             tmp.write_text(json.dumps({"summary": row, "report": report.to_dict()}, indent=1))
     _write_heatmap(args, report)
     return [row]
+
+
+def _run_compress_lazy(args: argparse.Namespace, options: SolverOptions, device: torch.device,
+                       group_size: int | None) -> list[dict]:
+    """`compress --lazy`: pipeline/lazy.py's block-by-block run, straight into --out."""
+    from .pipeline.lazy import compress_folder
+
+    if args.out is None:
+        raise CospadiError("--lazy writes the compressed blocks as they finish: give --out")
+    if is_depth_method(args.method) or args.allocation not in (None, "uniform") or args.resume_dir is not None:
+        raise CospadiError("--lazy works with a per-matrix method at a uniform ratio, without --resume-dir: leave "
+                           "out --lazy, or those options")
+    folder = builtin_model_dir(args.model) if args.model in BUILTIN_MODELS else Path(args.model).expanduser()
+    if not folder.is_dir() or (folder / "cospadi.json").is_file():
+        raise CospadiError(f"--lazy needs a plain safetensors model folder (or a built-in model); {args.model} is not "
+                           "one")
+    if args.eval_windows:
+        print(f"note: --lazy measures no perplexity; run `cospadi eval --model {args.out}` afterwards",
+              file=sys.stderr)
+    calib_texts, _ = load_corpus(args.data)
+    report = compress_folder(folder, args.out, texts=calib_texts, method=args.method, ratio=args.ratio,
+                             calib_samples=args.calib_samples, seq_len=args.seq_len, batch_size=args.batch_size,
+                             progress=not args.quiet, workers=args.workers, group_size=group_size, device=device,
+                             dtype=args.dtype, coef_bits=args.coef_bits, overwrite=args.overwrite,
+                             summary=lambda r: _row(r, None, None),
+                             log=None if args.quiet else lambda line: print(line, file=sys.stderr),
+                             **asdict(options))
+    row = _row(report, None, None)
+    if args.json is not None:
+        with atomic_file(args.json) as tmp:
+            tmp.write_text(json.dumps({"summary": row, "report": report.to_dict()}, indent=1))
+    return [row]
+
+
+def _print_estimate(model, args: argparse.Namespace, device: torch.device, group_size: int | None) -> None:
+    """The memory estimate of the run about to start, on stderr (memory_estimate.py)."""
+    if is_depth_method(args.method) or args.quiet:
+        return
+    threads = args.workers or (torch.get_num_threads() if device.type == "cpu" else 1)
+    print(estimate_memory(model, args.calib_samples, args.seq_len, args.batch_size, group_size or 1, threads, False,
+                          device).describe(), file=sys.stderr)
 
 
 def _write_heatmap(args: argparse.Namespace, report: CompressionReport) -> None:
@@ -233,8 +322,27 @@ def run_export(args: argparse.Namespace) -> list[dict]:
     return [{"exported": str(out), "from": args.folder, "files": ", ".join(files)}]
 
 
+def _launch(nproc: int, argv: list[str]) -> int:
+    """`compress --nproc N`: run the same command on N processes under torchrun; its exit
+    status (torchrun names a rank that failed)."""
+    if nproc < 1:
+        print(f"error: --nproc {nproc} must be at least 1", file=sys.stderr)
+        return 2
+    rest, skip = [], False
+    for arg in argv:
+        if skip or arg == "--nproc" or arg.startswith("--nproc="):
+            skip = arg == "--nproc"
+            continue
+        rest.append(arg)
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(nproc),
+               "-m", "cospadi", *rest]
+    return subprocess.call(command)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if getattr(args, "nproc", None) is not None and not distributed.launched():
+        return _launch(args.nproc, sys.argv[1:] if argv is None else argv)
     if args.threads is not None and args.threads < 1:
         print(f"error: --threads {args.threads} must be at least 1 (or left out: torch's choice)", file=sys.stderr)
         return 2
@@ -252,7 +360,8 @@ def main(argv: list[str] | None = None) -> int:
         resumable = getattr(args, "resume_dir", None) is not None
         print("interrupted; rerun the same command to resume" if resumable else "interrupted", file=sys.stderr)
         return 130
-    print(results_table(rows))
+    if rows:  # none on the ranks after the first of a distributed run
+        print(results_table(rows))
     return 0
 
 

@@ -11,6 +11,8 @@ from torch import nn
 from ..adapters import Adapter
 from .capture import BlockKwargs, run_block
 
+Fold = Callable[[dict[tuple[str, ...], list[torch.Tensor]]], dict[tuple[str, ...], torch.Tensor]]
+
 
 @torch.no_grad()
 def accumulate_grams(layer: nn.Module, adapter: Adapter, states: list[torch.Tensor],
@@ -23,16 +25,23 @@ def accumulate_grams(layer: nn.Module, adapter: Adapter, states: list[torch.Tens
 
 @torch.no_grad()
 def calibrate_block(layer: nn.Module, adapter: Adapter, states: list[torch.Tensor], kwargs: BlockKwargs,
-                    keep_outputs: bool = False) -> tuple[dict[tuple[str, ...], torch.Tensor], list[torch.Tensor] | None]:
+                    keep_outputs: bool = False, fold: Fold | None = None,
+                    ) -> tuple[dict[tuple[str, ...], torch.Tensor], list[torch.Tensor] | None]:
     """accumulate_grams' Grams and, with `keep_outputs`, the block's outputs of the same
-    run (one (B, L, H) tensor per batch of `states`; None otherwise)."""
+    run (one (B, L, H) tensor per batch of `states`; None otherwise). With `fold`
+    (several ranks, distributed.py): the per-batch products are kept and fold(products)
+    sums them with the other ranks' in global batch order."""
     grams: dict[tuple[str, ...], torch.Tensor] = {}
+    products: dict[tuple[str, ...], list[torch.Tensor]] = {group: [] for group in adapter.groups}
 
     def hook_for(group: tuple[str, ...]) -> Callable:
         def hook(module: nn.Module, args: tuple) -> None:
             x = args[0].detach().reshape(-1, args[0].shape[-1]).float()
             product = (x.T @ x).double()
-            grams[group] = grams[group] + product if group in grams else product
+            if fold is not None:
+                products[group].append(product)
+            else:
+                grams[group] = grams[group] + product if group in grams else product
         return hook
 
     handles = [layer.get_submodule(group[0]).register_forward_pre_hook(hook_for(group)) for group in adapter.groups]
@@ -41,4 +50,6 @@ def calibrate_block(layer: nn.Module, adapter: Adapter, states: list[torch.Tenso
     finally:
         for handle in handles:
             handle.remove()
+    if fold is not None:
+        grams = fold(products)
     return grams, outputs if keep_outputs else None

@@ -10,8 +10,10 @@ Only one group's Grams and one block's activations are alive at a time."""
 from __future__ import annotations
 
 import time
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Protocol
 
 import torch
 from torch import nn
@@ -28,9 +30,11 @@ from ..methods import Method, get_method
 from ..report import CompressionReport, peak_rss_mb
 from ..resume import Progress, check_resume_dir, load_progress, restore_groups, run_fingerprint, save_group, save_progress
 from ..solvers import SolverOptions
+from . import distributed
 from .calibrate import calibrate_block
 from .capture import BlockKwargs, capture_block_inputs, run_block
-from .solve import job_members, plan_jobs, solve_jobs
+from .distributed import Ranks
+from .solve import Job, Solved, job_members, plan_jobs, solve_jobs
 
 
 @dataclass(frozen=True)
@@ -53,6 +57,19 @@ class Recipe:
                     ratios=ratios)
 
 
+class BlockSource(Protocol):
+    """Blocks whose weights are not held in memory (pipeline/lazy.py StreamedBlocks)."""
+
+    def capturing(self) -> AbstractContextManager[None]:
+        """A context in which the model can run the capture pass without the blocks' weights."""
+
+    def load(self, blocks: list[int]) -> None:
+        """Bring the weights of `blocks` into the model."""
+
+    def finish(self, blocks: list[int]) -> None:
+        """Store the compressed `blocks` and release their memory."""
+
+
 @dataclass
 class _Run:
     """The state one compress_blocks call carries from pass to pass."""
@@ -68,11 +85,12 @@ class _Run:
     report: CompressionReport
     states: list[torch.Tensor] = field(default_factory=list)
     block_kwargs: list[BlockKwargs] = field(default_factory=list)
+    ranks: Ranks | None = None  # several processes (distributed.py): this rank's share of the work
 
 
 def compress_blocks(model: PreTrainedModel, input_ids: torch.Tensor, recipe: Recipe, *, batch_size: int = 8,
                     workers: int | None = None, device: str | torch.device | None = None, progress: bool = True,
-                    resume_dir: str | Path | None = None) -> CompressionReport:
+                    resume_dir: str | Path | None = None, source: BlockSource | None = None) -> CompressionReport:
     """Compress every target linear of every block of `model` in place as `recipe` says,
     calibrated on `input_ids` (N, L) in batches of `batch_size`; the target linears become
     the method's CompressedLinear modules (members of a shared job hold the same factor
@@ -83,15 +101,27 @@ def compress_blocks(model: PreTrainedModel, input_ids: torch.Tensor, recipe: Rec
     own): where calibration and the solvers run; the model stays where it is and each
     group of blocks visits the device (GPTQ-style offloading). `resume_dir`: progress is
     saved there after every group, and a rerun of the same run restores it and goes on
-    (resume.py; report.seconds then sums every attempt)."""
+    (resume.py; report.seconds then sums every attempt). `source` (pipeline/lazy.py): the
+    blocks' weights are not in memory; it loads each group before its turn and stores and
+    releases it once compressed (no resume_dir then). In a process group of several ranks
+    (distributed.py) the windows and the solves are split across the ranks, the result is
+    the same, and rank 0 alone writes the resume files."""
     start = time.perf_counter()
     check_input_ids(model, input_ids, batch_size)
     run = _prepare(model, input_ids, recipe, workers, device)
+    if source is not None and resume_dir is not None:
+        raise CospadiError("--resume-dir does not work with block-by-block loading (--lazy) yet: leave one out")
+    run.ranks = distributed.current()
+    if run.ranks is not None and -(-input_ids.shape[0] // batch_size) < run.ranks.world:
+        raise CospadiError(f"{run.ranks.world} ranks need at least {run.ranks.world} calibration batches: raise "
+                           "--calib-samples, lower --batch-size or use fewer ranks")
     folder = check_resume_dir(resume_dir) if resume_dir is not None else None
     fingerprint = run_fingerprint(model, input_ids, dict(
         recipe.settings(), batch_size=batch_size, device=run.target.type)) if folder is not None else ""
     saved = load_progress(folder, fingerprint, run.target) if folder is not None else None  # before the capture pass
-    states, block_kwargs = capture_block_inputs(model, run.layers, input_ids, batch_size)
+    with source.capturing() if source is not None else nullcontext():
+        own = input_ids if run.ranks is None else run.ranks.windows(input_ids, batch_size)
+        states, block_kwargs = capture_block_inputs(model, run.layers, own, batch_size)
     run.states, run.block_kwargs = to_device(states, run.target), to_device(block_kwargs, run.target)
     groups = block_groups(len(run.layers), recipe.group_size)
     done, seconds_before, files = 0, 0.0, {}
@@ -99,6 +129,8 @@ def compress_blocks(model: PreTrainedModel, input_ids: torch.Tensor, recipe: Rec
         home = next(model.parameters()).device
         restore_groups(folder, run.layers, groups, saved, home)
         done, seconds_before, run.states, run.report.matrices = saved.done, saved.seconds, saved.states, saved.matrices
+        if run.ranks is not None:  # this rank's batches
+            run.states = [run.states[b] for b in run.ranks.batches(len(run.states))]
         files = saved.files
     per_block = len(run.adapter.targets)
     with tqdm(total=len(run.layers) * per_block, initial=done * per_block, desc=f"{recipe.method} @ {recipe.ratio}",
@@ -106,11 +138,17 @@ def compress_blocks(model: PreTrainedModel, input_ids: torch.Tensor, recipe: Rec
         for blocks in groups:
             if blocks[-1] < done:
                 continue
+            if source is not None:
+                source.load(blocks)
             _compress_group(run, blocks, bar)
+            if source is not None:
+                source.finish(blocks)
             if folder is not None:
-                files.update(save_group(folder, blocks[0], [run.layers[i] for i in blocks]))
-                save_progress(folder, fingerprint, Progress(blocks[-1] + 1, run.states, run.report.matrices,
-                                                            seconds_before + time.perf_counter() - start, files))
+                states = run.states if run.ranks is None else run.ranks.gather_states(run.states)
+                if run.ranks is None or run.ranks.rank == 0:
+                    files.update(save_group(folder, blocks[0], [run.layers[i] for i in blocks]))
+                    save_progress(folder, fingerprint, Progress(blocks[-1] + 1, states, run.report.matrices,
+                                                                seconds_before + time.perf_counter() - start, files))
     run.report.matrices.sort(key=lambda m: (m.layer, run.adapter.targets.index(m.name)))
     run.report.seconds = seconds_before + time.perf_counter() - start
     run.report.peak_rss_mb = peak_rss_mb()
@@ -172,10 +210,11 @@ def _compress_group(run: _Run, blocks: list[int], bar: tqdm) -> None:
         grams, inputs = {}, run.states
         for position, i in enumerate(blocks):
             last = position == len(blocks) - 1
-            grams[i], inputs = calibrate_block(layers[i], run.adapter, inputs, run.block_kwargs[i], keep_outputs=not last)
+            grams[i], inputs = calibrate_block(layers[i], run.adapter, inputs, run.block_kwargs[i], keep_outputs=not last,
+                                               fold=run.ranks.fold if run.ranks is not None else None)
         jobs = plan_jobs(layers, blocks, run.adapter, grams, run.ratios)
         bar.set_postfix_str(f"{where}: solving")
-        solved = solve_jobs(jobs, run.method, run.recipe.options, run.workers, bar.update)
+        solved = _solve(run, jobs, bar)
         for job in jobs:  # swap in the adapter's order, deterministically
             for (i, name), (module, row) in zip(job.members, solved[id(job)]):
                 layers[i].set_submodule(name, module)
@@ -183,6 +222,28 @@ def _compress_group(run: _Run, blocks: list[int], bar: tqdm) -> None:
         del grams, jobs, solved, inputs
         for i in blocks:
             run.states = run_block(layers[i], run.states, run.block_kwargs[i])
+
+
+def _solve(run: _Run, jobs: list[Job], bar: tqdm) -> dict[int, Solved]:
+    """solve_jobs on one process; on several ranks, each solves the jobs distributed.py
+    assigns it and every job's result is shared with all (on the CPU, then back)."""
+    if run.ranks is None:
+        return solve_jobs(jobs, run.method, run.recipe.options, run.workers, bar.update)
+    owners = run.ranks.assign([job.size for job in jobs])
+    mine = solve_jobs([job for job, owner in zip(jobs, owners) if owner == run.ranks.rank], run.method,
+                      run.recipe.options, run.workers, bar.update)
+    home = torch.device("cpu")
+    results = run.ranks.share([_moved(mine[id(job)], home) if id(job) in mine else None for job in jobs], owners)
+    bar.update(sum(len(job.members) for job, owner in zip(jobs, owners) if owner != run.ranks.rank))
+    return {id(job): _moved(result, run.target) for job, result in zip(jobs, results)}
+
+
+def _moved(solved: Solved, device: torch.device) -> Solved:
+    """A job's modules on `device` (in place; a factor shared by the job's members stays one
+    Parameter: moving a dense tensor between devices keeps the Parameter object)."""
+    for module, _ in solved:
+        module.to(device)
+    return solved
 
 
 def check_input_ids(model: PreTrainedModel, input_ids: object, batch_size: int) -> None:
@@ -207,11 +268,12 @@ def unique_param_count(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
-def check_weights(adapter: Adapter, layers: nn.ModuleList) -> None:
-    """CospadiError naming the first target linear with non-finite weights."""
-    for i, layer in enumerate(layers):
+def check_weights(adapter: Adapter, layers: nn.ModuleList, blocks: list[int] | None = None) -> None:
+    """CospadiError naming the first target linear with non-finite weights, among `blocks`
+    (None: all); weights not loaded yet (meta, pipeline/lazy.py) are checked on loading."""
+    for i in range(len(layers)) if blocks is None else blocks:
         for name in adapter.targets:
-            weight = layer.get_submodule(name).weight
-            if not torch.isfinite(weight).all():
+            weight = layers[i].get_submodule(name).weight
+            if not weight.is_meta and not torch.isfinite(weight).all():
                 raise CospadiError(f"block {i} {name} has non-finite weights: the checkpoint is corrupt or was "
                                    "loaded in too low a precision; reload it in float32")

@@ -48,8 +48,8 @@ class SolverOptions:
                                 "Batch-OMP (the paper's)")
     update: str = _option("ksvd", f"ksvd dictionary update, one of {', '.join(UPDATES)}: mod = all atoms at once "
                                  "(least-squares dictionary on the fixed support, then a conjugate-gradient refit of "
-                                 "the codes; passes stop early once one gains < 1e-4), ksvd (the default) = atom by atom, rank-1 "
-                                 "fits by --power-iters power iterations (the paper's)")
+                                 "the codes; passes stop early once one gains < 1e-4), ksvd (the default) = atom by atom, "
+                                 "rank-1 fits by --power-iters power iterations (the paper's)")
 
     def __post_init__(self) -> None:
         check_rho(self.rho)
