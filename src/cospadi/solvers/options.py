@@ -46,10 +46,9 @@ class SolverOptions:
     coder: str = _option("htp", f"sparse coding of the ksvd alternations, one of {', '.join(CODERS)}: htp = hard "
                                 "thresholding pursuit with a least-squares refit (cost independent of s), omp = "
                                 "Batch-OMP (the paper's)")
-    update: str = _option("ksvd", f"ksvd dictionary update, one of {', '.join(UPDATES)}: mod = all atoms at once "
-                                 "(least-squares dictionary on the fixed support, then a conjugate-gradient refit of "
-                                 "the codes; passes stop early once one gains < 1e-4), ksvd (the default) = atom by atom, "
-                                 "rank-1 fits by --power-iters power iterations (the paper's)")
+    update: str = _option("ksvd", f"dictionary update of ksvd, one of {', '.join(UPDATES)}: ksvd = atom by atom "
+                                  "(rank-1 power iterations); mod = all atoms at once (least squares, then a CG refit "
+                                  "of the codes; docs/method.md)")
 
     def __post_init__(self) -> None:
         check_rho(self.rho)
