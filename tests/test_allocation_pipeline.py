@@ -144,3 +144,6 @@ def test_bench_labels_take_a_knapsack_suffix():
     sweep = Sweep(methods=("svd-llm", "svd-llm+knapsack"))
     assert sweep.cell_name("svd-llm+knapsack", 0.3) == "svd-llm+knapsack-fisher-0.3.json"
     assert sweep.cell_name("svd-llm", 0.3) == "svd-llm-0.3.json"
+    ksvd, mod = (Sweep(methods=("cospadi",), options=SolverOptions(update=u)) for u in ("ksvd", "mod"))
+    assert ksvd.cell_name("cospadi", 0.3) == "cospadi-rho2-ksvd-orthogonal-r25-it0-sw8-p2-htp-0.3.json"
+    assert mod.cell_name("cospadi", 0.3) == "cospadi-rho2-ksvd-orthogonal-r25-it0-sw8-p2-htp-mod-0.3.json"

@@ -108,9 +108,9 @@ class Sweep:
         methods their solver options."""
         method, grouped, allocation = parse_label(label)
         o = self.options
-        update = getattr(o, "update", "ksvd")  # cells named before the block update existed used ksvd
+        update = "" if o.update == "ksvd" else f"-{o.update}"  # ksvd cells keep the names they had before mod
         solver = (f"-rho{o.rho:g}-{o.solver}-{o.init}-r{o.rounds}-it{o.iters}-sw{o.sweeps}-p{o.power_iters}-{o.coder}"
-                  f"{'' if update == 'ksvd' else '-' + update}" if uses_solver_options(method) else "")
+                  f"{update}" if uses_solver_options(method) else "")
         cost = f"-{self.cost}" if allocation != "uniform" else ""
         return f"{label}{f'-g{self.group_size}' if grouped else ''}{solver}{cost}-{ratio:g}.json"
 
