@@ -147,3 +147,7 @@ def test_bench_labels_take_a_knapsack_suffix():
     ksvd, mod = (Sweep(methods=("cospadi",), options=SolverOptions(update=u)) for u in ("ksvd", "mod"))
     assert ksvd.cell_name("cospadi", 0.3) == "cospadi-rho2-ksvd-orthogonal-r25-it0-sw8-p2-htp-0.3.json"
     assert mod.cell_name("cospadi", 0.3) == "cospadi-rho2-ksvd-orthogonal-r25-it0-sw8-p2-htp-mod-0.3.json"
+    # the section of a sweep computed with the default (mod) does not overwrite the ksvd one
+    assert mod.section == ksvd.section + "-mod" and ksvd.section == ksvd.key
+    assert Sweep(methods=("svd-llm",), options=SolverOptions(update="mod")).section == sweep.key.replace(
+        "-msvd-llm+svd-llm+knapsack", "-msvd-llm")  # no solver, no suffix

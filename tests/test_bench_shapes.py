@@ -1,6 +1,6 @@
 """`cospadi bench-shapes`: every solver of a cell side by side on the same matrix, the
-overcomplete default never above the complete dictionary's error nor the K-SVD sweeps'
-(its previous dictionary update), the relative columns
+overcomplete default (the MOD update) never above the complete dictionary's error nor
+the K-SVD sweeps' (its previous dictionary update), the relative columns
 consistent with the absolute ones, and the whole-model estimate summing its blocks."""
 
 import pytest
@@ -16,10 +16,11 @@ def test_a_cell_compares_every_solver_on_one_matrix():
     by = {r["solver"]: r for r in rows}
     assert list(by) == list(shapes.CONFIGS)
     assert by["default"]["k"] > 24 and by["complete"]["k"] == 24
-    assert by["default"]["s"] == by["complete"]["s"] == by["before"]["s"] == by["mod"]["s"]
+    assert by["default"]["s"] == by["complete"]["s"] == by["before"]["s"] == by["mod"]["s"] == by["sweeps"]["s"]
+    assert by["default"]["error"] == by["mod"]["error"]  # mod is the default
     assert by["default"]["error"] <= by["complete"]["error"] * (1 + 1e-6)
     assert by["mod"]["error"] <= by["complete"]["error"] * (1 + 1e-6)
-    assert by["mod"]["error"] <= by["default"]["error"] * (1 + 1e-6)  # the block update fits no worse
+    assert by["mod"]["error"] <= by["sweeps"]["error"] * (1 + 1e-6)  # the block update fits no worse
     assert by["svd-llm"]["error"] > by["complete"]["error"]
     for r in rows:
         assert r["error / complete"] == pytest.approx(r["error"] / by["complete"]["error"])
@@ -50,11 +51,17 @@ def test_unknown_cases_and_configs_are_one_line_errors(capsys, tmp_path):
 
 def test_the_estimate_alone_gets_its_own_section(monkeypatch, tmp_path, capsys):
     monkeypatch.setattr(shapes, "QWEN05", {"self_attn.q_proj": (16, 16), "mlp.up_proj": (16, 160)})
-    monkeypatch.setattr(shapes, "pipeline_estimate", lambda ratio, seed: shapes._estimate_row("pipeline", "-", "-",
-                                                                                              10.0, 30.0))
+    updates = []
+    monkeypatch.setattr(shapes, "pipeline_estimate", lambda ratio, seed, options: updates.append(options.update) or
+                        shapes._estimate_row("pipeline", "-", "-", 10.0, 30.0))
     out = tmp_path / "B.md"
     assert cli.main(["bench-shapes", "--cases", "none", "--estimate", "--output", str(out)]) == 0
+    assert cli.main(["bench-shapes", "--cases", "none", "--estimate", "--update", "ksvd", "--output", str(out)]) == 0
+    assert updates == ["mod", "ksvd"]  # the default update, then the one asked for
     text = out.read_text()
+    # figures taken with the old default (ksvd) keep their section; the default's gets its own
     assert "<!-- bench:shapes-estimate-qwen2.5-0.5b -->" in text and "bench:shapes-none" not in text
+    assert "<!-- bench:shapes-estimate-qwen2.5-0.5b-mod -->" in text
+    assert "cospadi with --update mod" in text and "cospadi with --update ksvd" in text
     assert "| pipeline | - | - | 10 | 30 | 3 |" in text
     assert "Reproduce: `cospadi bench-shapes" in text

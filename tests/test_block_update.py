@@ -140,5 +140,5 @@ def test_the_block_update_fits_no_worse_than_the_sweeps_it_replaces(seed):
         assert block_fit <= sweeps_fit * (1 + 1e-4), (atoms, block_fit, sweeps_fit)
 
 
-def test_the_paper_keeps_its_k_svd_sweeps():
-    assert PAPER.update == "ksvd" and SolverOptions().update == "ksvd"  # mod waits for the whole-model rerun
+def test_the_paper_keeps_its_k_svd_sweeps_and_the_default_is_mod():
+    assert PAPER.update == "ksvd" and SolverOptions().update == "mod"

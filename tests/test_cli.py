@@ -254,7 +254,7 @@ def test_bench_caches_cells_and_writes_one_row_per_cell(cli_files, tmp_path, cap
     first_out = capsys.readouterr().out
     assert sorted(calls) == [("cospadi", 0.3), ("cospadi", 0.5), ("svd", 0.3), ("svd", 0.5)]
     cells = sorted(p.name for p in cache.rglob("*.json"))
-    solver = "-rho2-ksvd-orthogonal-r25-it2-sw8-p2-htp"  # the solver options (--iters 2) name the dictionary cells only
+    solver = "-rho2-ksvd-orthogonal-r25-it2-sw8-p2-htp-mod"  # the solver options (--iters 2) name the dictionary cells only
     assert cells == [f"cospadi{solver}-0.3.json", f"cospadi{solver}-0.5.json", "dense.json", "svd-0.3.json",
                      "svd-0.5.json"]
     text = output.read_text()

@@ -1,11 +1,13 @@
 """Models that do not fit (issue 18): block-by-block loading (pipeline/lazy.py) with the
 streamed save (storage/stream.py) writes byte for byte the folder of the in-memory run;
-the weights it holds grow with one block, not with depth (held parameter bytes); the streamed safetensors
+the weights it holds and its peak RSS grow with one block, not with depth; the streamed safetensors
 writer lays files out exactly as safetensors does; perplexity forms its logits in chunks
 and gives the full-logits value."""
 
 import json
 import math
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -99,6 +101,61 @@ def test_held_weights_grow_with_one_block_not_with_depth(tmp_path, smollm2, monk
     block = (whole8 - whole2) // 6
     assert peak8 == peak2  # compressed blocks are released: the earlier blocks weigh nothing
     assert peak8 < whole2 - block + 1 < whole8  # the head, embeddings and one block
+
+
+RSS_SCRIPT = """
+import sys, torch
+import cospadi, cospadi.methods.svd as svd_method, cospadi.pipeline.solve as solve
+from cospadi.solvers.factors import LowRankFactors
+
+def shaped_svd(weight, gram, budget):  # the real factors' shapes and dtype without an SVD's seconds per matrix
+    return LowRankFactors(weight[:, :budget.rank].double(), torch.ones(budget.rank, weight.shape[1]).double())
+svd_method.svd = shaped_svd
+solve.output_error = lambda gram, weight, approx: 0.0
+torch.set_num_threads(1)
+folder, out, mode = sys.argv[1:]
+ids = torch.randint(0, 200, (4, 32), generator=torch.Generator().manual_seed(0))
+if mode == "lazy":
+    from cospadi.pipeline.lazy import compress_folder
+    compress_folder(folder, out, input_ids=ids, method="svd", ratio=0.3, progress=False)
+else:
+    from cospadi.pipeline import Recipe, compress_blocks
+    from cospadi.storage.checkpoint import save
+    model, tokenizer = cospadi.load_model(folder)
+    save(model, tokenizer, out, compress_blocks(model, ids, Recipe("svd", 0.3), progress=False).to_dict())
+print(next(line for line in open("/proc/self/status") if line.startswith("VmHWM")).split()[1])  # kB
+"""
+BIG = dict(hidden_size=1024, intermediate_size=4096, num_attention_heads=8, num_key_value_heads=8, head_dim=128)
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/self/status (VmHWM)")
+def test_peak_rss_grows_with_one_block_not_with_depth(tmp_path, smollm2):
+    """Peak RSS (each run in a fresh process) of 2- and 8-block models with 64 MiB blocks:
+    the lazy run of 8 blocks peaks less than 1.5 blocks above the 2-block one, while
+    loading whole (the eager run) adds more than 3 of its 6 extra blocks, so holding
+    several blocks at once would show. The SVD and the output error are replaced by
+    stand-ins of the same shapes in the subprocess: the test measures what the loop
+    holds (weights, Grams, activations, stored blocks), not the solver's seconds.
+
+    The peak is the child's VmHWM, not getrusage's ru_maxrss: Linux carries into a
+    child's ru_maxrss the resident set of the image it was forked from (here pytest,
+    which has just built the 8-block model), which made an earlier version of this test
+    fail for the 8-block run alone."""
+    _, tokenizer = smollm2
+    peaks = {}
+    for layers in (2, 8):
+        source = tmp_path / f"model-{layers}"
+        write_tiny(source, tokenizer, layers, **BIG)
+        for mode in ("lazy", "eager"):
+            done = subprocess.run([sys.executable, "-c", RSS_SCRIPT, str(source), str(tmp_path / f"{mode}-{layers}"),
+                                   mode], capture_output=True, text=True)
+            assert done.returncode == 0, done.stderr
+            peaks[mode, layers] = int(done.stdout.split()[-1]) * 1024
+    six = 6 * (4 * 1024 * 1024 + 3 * 1024 * 4096) * 4  # bytes of the 6 extra blocks (384 MiB)
+    mib = {f"{mode}-{layers}": peak // 2**20 for (mode, layers), peak in peaks.items()}
+    print("peak RSS, MiB:", mib)
+    assert peaks["eager", 8] - peaks["eager", 2] > six / 2, mib
+    assert peaks["lazy", 8] - peaks["lazy", 2] < six / 4, mib
 
 
 def test_lazy_refuses_a_damaged_folder_in_one_line(tmp_path, smollm2):

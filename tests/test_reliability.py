@@ -234,9 +234,9 @@ def hang_block_1(monkeypatch, entered: list, outcomes: list, both_inside: thread
     `both_inside` is set once two jobs run."""
     real = solve_module.solve_job
 
-    def solve_job(job, method, options):
+    def solve_job(job, method, options, quant=None):
         if job.members[0][0] == 0:
-            return real(job, method, options)
+            return real(job, method, options, quant)
         entered.append(job.members[0][1])
         if len(entered) == 2:
             both_inside.set()

@@ -17,13 +17,14 @@ from .data import calibration_windows, evaluation_windows, load_corpus, tokenize
 from .errors import CospadiError
 from .evaluation.perplexity import perplexity
 from .groups import resolve_group_size
-from .methods import get_method
+from .methods import check_quant, get_method
 from .models import needs_bos
 from .pipeline import Recipe, check_recipe, compress_blocks
 from .pipeline.allocate import allocate
 from .pruning.plan import is_depth_method
 from .report import CompressionReport
 from .solvers import SolverOptions
+from .solvers.quantize import DEFAULT_GROUP, parse_quant
 
 DEFAULT_CALIB_SAMPLES = 32
 DEFAULT_SEQ_LEN = 512
@@ -56,7 +57,8 @@ def compress(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, texts: 
              progress: bool = True, workers: int | None = None, group_size: int | None = None,
              resume_dir: str | None = None, device: str | torch.device | None = None,
              ratios: RatioMap | None = None, allocation: str | None = None, cost: str = DEFAULT_COST,
-             profile_cache: str | None = None, **solver: object) -> tuple[PreTrainedModel, CompressionReport]:
+             profile_cache: str | None = None, quant: str | None = None, quant_group: int = DEFAULT_GROUP,
+             **solver: object) -> tuple[PreTrainedModel, CompressionReport]:
     """Compress `model` in place: every q/k/v/o/gate/up/down linear of every block becomes
     a DictLinear (method "cospadi") or LowRankLinear ("svd", "svd-llm", "basis-sharing")
     removing `ratio` of its weights, calibrated on `calib_samples` windows of `seq_len`
@@ -80,8 +82,16 @@ def compress(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, texts: 
     consecutive blocks and merges a fitted linear map into the block before the cut;
     "replaceme+M" / "replacemeK+M" cut a few blocks (K) and compress the rest with method M,
     `ratio` being the total removed fraction of the linear weights.
+    `quant` ("int8", "int4", "int3"; None or "none": no quantization) stores the factors
+    of every compressed matrix as integer codes with one bf16 scale per `quant_group`
+    inputs, calibrated on the same Grams (docs/quantization.md); methods "rtn" and "gptq"
+    quantize the dense weights alone (they ignore `ratio` and need `quant`).
     """
-    check_ratio(ratio)
+    spec = parse_quant(quant, quant_group)
+    if spec is not None and is_depth_method(method):
+        raise CospadiError(f"--quant does not work with depth pruning ({method}): leave one out")
+    if not (not is_depth_method(method) and get_method(method).ignores_ratio):
+        check_ratio(ratio)
     if is_depth_method(method):  # replaceme[K][+method]: pruning/ cuts blocks, then calls back here for the rest
         from .pruning.compress import compress_depth
 
@@ -90,6 +100,11 @@ def compress(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, texts: 
                               workers=workers, group_size=group_size, resume_dir=resume_dir, device=device,
                               ratios=ratios, allocation=allocation, cost=cost, profile_cache=profile_cache, **solver)
     group_size = resolve_group_size(get_method(method), group_size)
+    check_quant(get_method(method), spec, group_size)
+    if get_method(method).ignores_ratio:  # rtn, gptq: every matrix at ratio 0, quantized
+        if allocation not in (None, "uniform") or ratios is not None:
+            raise CospadiError(f"method {method} keeps every matrix's shape: it takes no allocation or ratios")
+        ratio, allocation = 0.0, "uniform"
     options = SolverOptions(**solver)  # type: ignore[arg-type]
     if input_ids is None:
         input_ids = calibration_ids(model, tokenizer, texts, calib_samples, seq_len, options.seed)
@@ -97,7 +112,7 @@ def compress(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, texts: 
     check_allocation(allocation, cost)
     if ratios is not None and allocation != "uniform":
         raise CospadiError("give either ratios (a per-matrix map) or allocation='knapsack', not both")
-    recipe = Recipe(method, ratio, options, group_size, ratios)
+    recipe = Recipe(method, ratio, options, group_size, ratios, spec)
     check_recipe(model, recipe)  # before the profile pass
     chosen = allocate(model, input_ids, recipe, allocation, cost, cache=profile_cache, batch_size=batch_size,
                       device=device, progress=progress)

@@ -34,7 +34,7 @@ from .evaluation.perplexity import perplexity
 from .files import atomic_file, check_output_file, check_output_folder
 from .layers.base import compressed_modules
 from .memory_estimate import estimate_memory
-from .methods import method_names
+from .methods import check_quant, get_method, method_names
 from .models import BUILTIN_MODELS, builtin_model_dir, cache_dir, load_model
 from .pipeline import distributed
 from .pruning.plan import check_plan, is_depth_method, resolve_method_group_size
@@ -42,6 +42,7 @@ from .pruning.save import save_model
 from .report import CompressionReport, peak_rss_mb, results_table
 from .resume import check_resume_dir
 from .solvers import SolverOptions
+from .solvers.quantize import DEFAULT_GROUP, QUANT_BITS, parse_quant
 from .storage import export
 from .storage.checkpoint import DTYPES, parse_dtype
 
@@ -52,7 +53,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     c = sub.add_parser("compress", help="compress a model and report ratio, perplexity, time and memory")
     add_text_args(c)
-    c.add_argument("--method", default="cospadi", help=f"one of {', '.join(method_names())}; or depth pruning "
+    c.add_argument("--method", default="cospadi", help=f"one of {', '.join(method_names())}; rtn or gptq "
+                   "(quantization alone, with --quant); or depth pruning "
                    "(docs/pruning.md): replaceme, replaceme+M (M one of those), replacemeK+M (cut K blocks, then M)")
     c.add_argument("--group-size", type=int, default=None,
                    help="consecutive blocks whose q/k/v/gate/up share one dictionary (cospadi) or basis "
@@ -80,6 +82,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="storage dtype of --out (default: the model's own, so the reload is exact)")
     c.add_argument("--coef-bits", type=int, default=None, choices=[14],
                    help="store the values of S in 14 bits (bf16 less 2 mantissa bits; pays for the bitmask)")
+    c.add_argument("--quant", default="none", choices=["none", *QUANT_BITS],
+                   help="store the factors of every compressed matrix as integer codes, calibrated on the same Grams "
+                        "(GPTQ; docs/quantization.md); methods rtn and gptq quantize the dense weights alone")
+    c.add_argument("--quant-group", type=int, default=DEFAULT_GROUP,
+                   help="inputs per quantization scale (a last group is shorter when it does not divide them)")
     c.add_argument("--lazy", action="store_true",
                    help="load the model folder block by block and write each compressed block out as it finishes: "
                         "memory independent of depth (needs --out; no perplexity, --resume-dir or knapsack; "
@@ -124,6 +131,7 @@ def run_compress(args: argparse.Namespace) -> list[dict]:
     _check_outputs(args)
     device = resolve_device(args.device)
     group_size = resolve_method_group_size(args.method, args.group_size)
+    _check_quant_args(args, group_size)
     if args.lazy:
         if distributed.launched():
             raise CospadiError("--lazy runs on one process: leave out --nproc (or torchrun)")
@@ -131,6 +139,15 @@ def run_compress(args: argparse.Namespace) -> list[dict]:
     if distributed.launched():
         return _run_compress_ranks(args, options, device, group_size)
     return _run_compress(args, options, device, group_size)
+
+
+def _check_quant_args(args: argparse.Namespace, group_size: int | None) -> None:
+    """--quant and --quant-group against the rest of the command (one-line CospadiError)."""
+    spec = parse_quant(args.quant, args.quant_group)
+    if spec is not None and is_depth_method(args.method):
+        raise CospadiError(f"--quant does not work with depth pruning ({args.method}): leave one out")
+    if not is_depth_method(args.method):
+        check_quant(get_method(args.method), spec, group_size or 1, args.coef_bits, args.lazy)
 
 
 def _run_compress_ranks(args: argparse.Namespace, options: SolverOptions, device: torch.device,
@@ -174,8 +191,8 @@ def _run_compress(args: argparse.Namespace, options: SolverOptions, device: torc
                                  batch_size=args.batch_size, progress=not args.quiet, workers=args.workers,
                                  group_size=group_size, resume_dir=args.resume_dir, device=device,
                                  allocation=args.allocation, cost=args.cost,
-                                 profile_cache=_profile_cache(args.profile_cache),
-                                 **asdict(options))
+                                 profile_cache=_profile_cache(args.profile_cache), quant=args.quant,
+                                 quant_group=args.quant_group, **asdict(options))
     ppl = _evaluate(model, windows, device, args, "compressed perplexity")
     row = _row(report, dense_ppl, ppl)
     if args.out is not None:

@@ -11,6 +11,7 @@ from pathlib import Path
 from . import api
 from .bench import allocation as bench_allocation
 from .bench import infer as bench_infer
+from .bench import pareto as bench_pareto
 from .bench import plot as bench_plot
 from .bench import shapes as bench_shapes
 from .bench import solver as bench_solver
@@ -20,6 +21,7 @@ from .cli_common import (
     add_device_arg,
     add_solver_args,
     add_text_args,
+    add_update_arg,
     command_line,
     parse_ratios,
     positive,
@@ -30,6 +32,7 @@ from .devices import resolve_device
 from .errors import CospadiError
 from .report import results_table
 from .solvers import SolverOptions
+from .solvers.quantize import DEFAULT_GROUP
 
 
 def add_bench_parsers(sub: argparse._SubParsersAction) -> None:
@@ -37,9 +40,19 @@ def add_bench_parsers(sub: argparse._SubParsersAction) -> None:
     b = sub.add_parser("bench", help="sweep methods x ratios, cache each cell, write a table into BENCHMARKS.md")
     add_text_args(b)
     add_solver_args(b)
-    b.add_argument("--methods", default=",".join(bench.BENCH_METHODS),
-                   help=f"comma-separated, from {', '.join(bench.BENCH_METHODS)} (cospadi-group: cospadi per group), "
+    b.add_argument("--methods", default=",".join(bench.DEFAULT_METHODS),
+                   help=f"comma-separated, from {', '.join(bench.BENCH_METHODS)} (cospadi-group: cospadi per group; "
+                        "rtn, gptq: quantization alone, once per --baseline-quant), "
                         f"each optionally with {bench.KNAPSACK} (per-matrix ratios; --allocation knapsack adds it to all)")
+    b.add_argument("--quant", default="none",
+                   help="comma-separated from none, int8, int4, int3: every method x ratio cell once per entry "
+                        "(docs/quantization.md)")
+    b.add_argument("--baseline-quant", default=None,
+                   help="comma-separated quantizations of the rtn / gptq cells (default: --quant less none)")
+    b.add_argument("--quant-group", type=int, default=DEFAULT_GROUP, help="inputs per quantization scale")
+    b.add_argument("--pareto", action="store_true",
+                   help="also a table and PNG of token perplexity against bytes of the linear weights, Pareto front "
+                        "marked (its own section of --output; the PNG beside the sweep's)")
     b.add_argument("--group-size", type=int, default=2, help="blocks per group of basis-sharing and cospadi-group")
     add_allocation_args(b, f"knapsack: add {bench.KNAPSACK} to every label (a label without it runs uniform)")
     b.add_argument("--lastword-examples", type=int, default=bench.DEFAULT_LASTWORD_EXAMPLES,
@@ -57,7 +70,8 @@ def add_bench_parsers(sub: argparse._SubParsersAction) -> None:
     s.add_argument("--block", type=int, default=15, help="which block's matrices (default 15, SmolLM2's middle)")
     s.add_argument("--matrices", default="self_attn.q_proj,self_attn.o_proj,mlp.gate_proj,mlp.down_proj")
     s.add_argument("--ratios", default="0.3", help="comma-separated ratios")
-    s.add_argument("--configs", default="default,paper", help=f"comma-separated: {', '.join(bench_solver.CONFIGS)}")
+    s.add_argument("--configs", default="default,paper", help=f"comma-separated: {', '.join(bench_solver.CONFIG_NAMES)}")
+    add_update_arg(s)
     s.add_argument("--repeats", type=int, default=3, help="timed runs per cell (the median is reported)")
     s.add_argument("--paper-repeats", type=int, default=1, help="timed runs of the slow paper reference")
     s.add_argument("--calib-samples", type=int, default=api.DEFAULT_CALIB_SAMPLES)
@@ -74,8 +88,9 @@ def add_bench_parsers(sub: argparse._SubParsersAction) -> None:
     h.add_argument("--cases", default=",".join(bench_shapes.DEFAULT_CASES),
                    help=f"comma-separated, from {', '.join(bench_shapes.CASES)}; none: only --estimate")
     h.add_argument("--ratios", default="0.2,0.3", help="comma-separated ratios")
-    h.add_argument("--configs", default=",".join(bench_shapes.CONFIGS),
+    h.add_argument("--configs", default=",".join(bench_shapes.DEFAULT_CONFIGS),
                    help=f"comma-separated, from {', '.join(bench_shapes.CONFIGS)}")
+    add_update_arg(h)
     h.add_argument("--estimate", action="store_true",
                    help="also the whole-model solver time estimate at Qwen2.5-0.5B's shapes")
     h.add_argument("--repeats", type=int, default=1, help="timed runs per cell (the median is reported)")
@@ -100,6 +115,7 @@ def add_bench_parsers(sub: argparse._SubParsersAction) -> None:
     a.add_argument("--proxy-blocks", default="3,15,27", help="blocks whose matrices test the proxy")
     a.add_argument("--proxy-ratios", default="0.1,0.3,0.5,0.7", help="ratios at which the proxy is tested")
     a.add_argument("--seed", type=int, default=42, help="seed of the calibration windows")
+    add_update_arg(a)
     a.add_argument("--cache", default="runs/allocation", help="folder caching profiles and block Grams")
     a.add_argument("--output", default="BENCHMARKS.md", help="Markdown file to write the tables into")
     a.add_argument("--threads", type=int, default=None, help="torch CPU threads")
@@ -116,11 +132,13 @@ def run_bench(args: argparse.Namespace) -> list[dict]:
     sweep = bench.Sweep(model=args.model, data=args.data, methods=tuple(methods), ratios=ratios, cost=args.cost,
                         calib_samples=args.calib_samples, seq_len=args.seq_len, eval_windows=args.eval_windows,
                         options=options, group_size=args.group_size, lastword_examples=args.lastword_examples,
-                        wordppl_docs=args.wordppl_docs)
+                        wordppl_docs=args.wordppl_docs, quants=tuple(args.quant.split(",")),
+                        quant_group=args.quant_group,
+                        baseline_quants=None if args.baseline_quant is None else tuple(args.baseline_quant.split(",")))
     sweep.check()
     output = Path(args.output)
     plot = None if args.plot == "none" else (
-        output.parent / "benchmarks" / f"{sweep.key}.png" if args.plot == "auto" else Path(args.plot))
+        output.parent / "benchmarks" / f"{sweep.section}.png" if args.plot == "auto" else Path(args.plot))
     if plot is not None:
         bench_plot.check_matplotlib()
     cells = bench.run_sweep(sweep, Path(args.cache), progress=not args.quiet)
@@ -131,14 +149,29 @@ def run_bench(args: argparse.Namespace) -> list[dict]:
         bench_plot.plot_sweep(cells, plot, f"{Path(sweep.model).name}: {sweep.calib_samples} x {sweep.seq_len} "
                               "calibration tokens")
         body += f"\n\n![perplexity against ratio]({os.path.relpath(plot.resolve(), output.resolve().parent)})"
-    bench.write_section(output, sweep.key, body)
+    bench.write_section(output, sweep.section, body)
+    if args.pareto:
+        _write_pareto(sweep, cells, output, None if plot is None else plot.with_name(f"{plot.stem}-pareto.png"), command)
     return rows
 
 
+def _write_pareto(sweep: bench.Sweep, cells: list[dict], output: Path, plot: Path | None, command: str) -> None:
+    """`bench --pareto`: the perplexity-against-bytes table (and PNG) in its own section."""
+    header = ("Token perplexity against bytes of the compressed linears' weights as a bf16 folder stores them "
+              "(floats at 2 bytes, bitmask, packed codes and bf16 scales at their size; biases excluded); "
+              "Pareto front = no other point both smaller and better (bench/pareto.py, docs/quantization.md). "
+              f"Cells as in the sweep section {sweep.section}.\n\nReproduce: `{command}`\n")
+    body = header + "\n" + results_table(bench_pareto.pareto_rows(cells))
+    if plot is not None:
+        bench_pareto.plot_pareto(cells, plot, f"{Path(sweep.model).name}: token perplexity against bytes")
+        body += f"\n\n![perplexity against bytes]({os.path.relpath(plot.resolve(), output.resolve().parent)})"
+    bench.write_section(output, f"{sweep.section}-pareto", body)
+
+
 def run_bench_solver(args: argparse.Namespace) -> list[dict]:
-    unknown = [c for c in args.configs.split(",") if c not in bench_solver.CONFIGS]
+    unknown = [c for c in args.configs.split(",") if c not in bench_solver.CONFIG_NAMES]
     if unknown:
-        raise CospadiError(f"unknown solver config {unknown[0]!r}; choose from {', '.join(bench_solver.CONFIGS)}")
+        raise CospadiError(f"unknown solver config {unknown[0]!r}; choose from {', '.join(bench_solver.CONFIG_NAMES)}")
     positive("--repeats", args.repeats)
     positive("--paper-repeats", args.paper_repeats)
     ratios = parse_ratios(args.ratios)
@@ -146,13 +179,13 @@ def run_bench_solver(args: argparse.Namespace) -> list[dict]:
     matrices = bench_solver.block_matrices(args.model, args.block, args.calib_samples, args.seq_len, args.seed,
                                            Path(args.cache))
     rows = bench_solver.compare(matrices, args.matrices.split(","), ratios,
-                                {c: bench_solver.CONFIGS[c] for c in args.configs.split(",")}, args.repeats,
+                                {c: bench_solver.configs(args.update)[c] for c in args.configs.split(",")}, args.repeats,
                                 args.paper_repeats, device)
     header = (f"Block {args.block} of `{args.model}`, Grams from {args.calib_samples} x {args.seq_len} calibration "
               f"tokens; error = ||X(W - W')|| / ||X W||; seconds = median of {args.repeats} "
               f"runs (paper reference: {args.paper_repeats}); "
               f"{where(device)}.\n\nReproduce: `{command_line('bench-solver')}`\n")
-    name = f"solver-{Path(args.model).name}-block{args.block}-{args.ratios}-{args.configs}"
+    name = f"solver-{Path(args.model).name}-block{args.block}-{args.ratios}-{args.configs}{bench.update_suffix(args.update)}"
     bench.write_section(Path(args.output), name, header + "\n" + results_table(rows))
     return rows
 
@@ -167,26 +200,31 @@ def run_bench_shapes(args: argparse.Namespace) -> list[dict]:
     positive("--repeats", args.repeats)
     ratios = parse_ratios(args.ratios)
     device = resolve_device(args.device)
+    options = SolverOptions(update=args.update)
     command = command_line("bench-shapes")
     rows: list[dict] = []
     if args.cases != "none":
         cases = bench_shapes.load_cases(args.cases.split(","), args.model, Path(args.cache), args.seed)
         say = (lambda text: None) if args.quiet else (lambda text: print(text, file=sys.stderr, flush=True))
-        rows = bench_shapes.compare_shapes(cases, ratios, configs, args.repeats, device, progress=say)
+        rows = bench_shapes.compare_shapes(cases, ratios, configs, args.repeats, device, options, progress=say)
         header = (f"Solver time per matrix (median of {args.repeats}) and relative output error ||X(W - W')|| / "
-                  f"||X W||; complete = the default solver with k = d1 atoms and the same s; mod = the default "
-                  f"with block (MOD) updates of all atoms instead of its K-SVD sweeps (--update mod); before = the k > d1 "
+                  f"||X W||; default = the cospadi solver with --update {args.update}; complete = the same with k = d1 "
+                  f"atoms and the same s; mod / sweeps = the default with block (MOD) updates of all atoms / "
+                  f"atom-by-atom K-SVD sweeps; before = the k > d1 "
                   f"path the overcomplete start replaced (SVD start, one Batch-OMP alternation); {where(device)}.\n\n"
                   f"Reproduce: `{command}`\n")
-        bench.write_section(Path(args.output), f"shapes-{args.cases}-{args.ratios}", header + "\n" + results_table(rows))
+        bench.write_section(Path(args.output), f"shapes-{args.cases}-{args.ratios}{bench.update_suffix(args.update)}",
+                            header + "\n" + results_table(rows))
     if args.estimate:
-        estimate = bench_shapes.estimate_model(0.3, args.repeats, device, seed=args.seed)
-        estimate.append(bench_shapes.pipeline_estimate(0.3, seed=args.seed))
-        header = ("Whole-model time at ratio 0.3 for a model with Qwen2.5-0.5B's shapes: solver seconds per matrix "
+        estimate = bench_shapes.estimate_model(0.3, args.repeats, device, options, seed=args.seed)
+        estimate.append(bench_shapes.pipeline_estimate(0.3, seed=args.seed, options=options))
+        header = (f"Whole-model time at ratio 0.3 for a model with Qwen2.5-0.5B's shapes, cospadi with --update "
+                  f"{args.update}: solver seconds per matrix "
                   f"(random weights, synthetic Grams, {where(device)}) times 24 blocks; then the whole compression "
                   "(calibration, solving on the pipeline's worker threads, propagation) measured on a random 2-block "
                   f"model of those shapes with 32 x 512 random tokens, times 12.\n\nReproduce: `{command}`\n")
-        bench.write_section(Path(args.output), "shapes-estimate-qwen2.5-0.5b", header + "\n" + results_table(estimate))
+        bench.write_section(Path(args.output), f"shapes-estimate-qwen2.5-0.5b{bench.update_suffix(args.update)}",
+                            header + "\n" + results_table(estimate))
         if not rows:
             return estimate
         print(results_table(estimate))  # main prints the comparison
@@ -200,8 +238,9 @@ def run_bench_allocation(args: argparse.Namespace) -> list[dict]:
         raise CospadiError(f"--parts {args.parts!r}: give a comma-separated subset of costs,proxy,time")
     for name in ("calib_samples", "seq_len", "validation_windows", "time_repeats"):
         positive("--" + name.replace("_", "-"), getattr(args, name))
-    options = SolverOptions(seed=args.seed)
+    options = SolverOptions(seed=args.seed, update=args.update)
     command, rows = command_line("bench-allocation"), []
+    suffix = f"{Path(args.model).name}{bench.update_suffix(args.update)}"  # the sections' names
     if "costs" in parts:
         rows = bench_allocation.compare_costs(args.model, args.data, args.methods.split(","), parse_ratios(args.ratios),
                                               args.calib_samples, args.seq_len, args.validation_windows, options,
@@ -211,7 +250,7 @@ def run_bench_allocation(args: argparse.Namespace) -> list[dict]:
                   f"{args.seq_len} tokens of the last 10% (never the held-out evaluation split). Seconds include "
                   "profiling where the profile was not cached yet (the first knapsack row of each method).\n\n"
                   f"Reproduce: `{command}`\n")
-        bench.write_section(Path(args.output), f"allocation-costs-{Path(args.model).name}", header + "\n" +
+        bench.write_section(Path(args.output), f"allocation-costs-{suffix}", header + "\n" +
                             results_table(rows))
     if "proxy" in parts:
         blocks = [int(b) for b in args.proxy_blocks.split(",")]
@@ -222,7 +261,7 @@ def run_bench_allocation(args: argparse.Namespace) -> list[dict]:
                   "the relative error ||X(W - W')|| / ||X W|| the profile's proxy predicts (orthogonal dictionary, "
                   "one SVD) against the default cospadi solver's.\n\n"
                   f"Reproduce: `{command}`\n")
-        bench.write_section(Path(args.output), f"allocation-proxy-{Path(args.model).name}", header + "\n" +
+        bench.write_section(Path(args.output), f"allocation-proxy-{suffix}", header + "\n" +
                             results_table([summary]) + "\n\n" + results_table(pairs))
         rows = rows or [summary]
     if "time" in parts:
@@ -233,7 +272,7 @@ def run_bench_allocation(args: argparse.Namespace) -> list[dict]:
                   "tokens: whole-model compression time, uniform against knapsack with the profile measured afresh "
                   "(no cache), alternating in one process; torch threads as set.\n\n"
                   f"Reproduce: `{command}`\n")
-        bench.write_section(Path(args.output), f"allocation-time-{Path(args.model).name}", header + "\n" +
+        bench.write_section(Path(args.output), f"allocation-time-{suffix}", header + "\n" +
                             results_table(timed))
         rows = rows or timed
     return rows

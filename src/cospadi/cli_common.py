@@ -14,6 +14,7 @@ from .allocation import ALLOCATIONS, COSTS, DEFAULT_COST
 from .budget import check_ratio
 from .errors import CospadiError
 from .solvers import SolverOptions
+from .solvers.options import UPDATES
 
 
 def add_text_args(p: argparse.ArgumentParser) -> None:
@@ -34,6 +35,15 @@ def add_solver_args(p: argparse.ArgumentParser) -> None:
         p.add_argument("--" + option.name.replace("_", "-"), type=type(option.default), default=option.default,
                        help=option.metadata["help"])
     p.add_argument("--workers", type=int, default=None, help="matrices solved at once (default: torch threads)")
+
+
+def add_update_arg(p: argparse.ArgumentParser) -> None:
+    """--update alone, for the benchmarks that run the dictionary solver under fixed
+    configurations: figures taken before `mod` became the default reproduce with ksvd."""
+    default = SolverOptions().update
+    p.add_argument("--update", default=default, choices=list(UPDATES),
+                   help=f"dictionary update of the cospadi solver (default: {default}; ksvd: the atom-by-atom "
+                        "sweeps of the figures taken before mod became the default)")
 
 
 def add_allocation_args(p: argparse.ArgumentParser, allocation_help: str | None = None) -> None:

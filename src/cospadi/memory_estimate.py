@@ -1,14 +1,26 @@
 """What a compression run will need in memory, from the model's shapes alone (a meta
 skeleton will do), printed before the run starts (`cospadi compress`).
 
-The parts (bytes): the weights outside the blocks (embeddings, final norm, head; tied
-ones once); the blocks held at a time (all of them when the model is loaded whole, one
-group when loaded block by block, pipeline/lazy.py); the calibration hidden states
-(inputs and outputs of a block, at the model's dtype); the group's float64 Grams; the
-transient activations of one block's forward on one batch (MLP and attention scores);
-the solvers' work space (about 6 float64 copies of the largest matrix per worker); and
-RUNTIME for the interpreter, torch and transformers. It is an estimate: allocator
-slack and solver temporaries vary, measured peaks were within 25% of it (docs/scale.md)."""
+The parts (bytes):
+- RUNTIME: the interpreter, torch, transformers and the tokenizer;
+- the weights outside the blocks (embeddings, final norm, head; tied ones once);
+- the blocks held at a time: all of them when the model is loaded whole, one group when
+  loaded block by block (pipeline/lazy.py);
+- the calibration hidden states: one copy at the model's dtype (propagation replaces each
+  batch in place), two in groups of several blocks (a block's dense outputs feed the
+  next one), plus one batch of outputs;
+- the group's float64 Grams;
+- the larger of the block forward (one batch's MLP activations and attention scores in
+  float32, plus the float32 product of the widest Gram) and the solvers' work space,
+  per worker: 2 float64 (d1, d1) matrices of the widest input (the symmetrised Gram and
+  its Cholesky factor) and 6 float64 copies of the largest matrix (svd-llm: the weight,
+  the whitened matrix, the SVD's copy, U, Vh and LAPACK's work space).
+
+Block by block, the embeddings and head are released after the capture pass and read
+again for the save (pipeline/lazy.py), so the host peak is the largest of three phases:
+the capture (outside + hidden states), the block loop (one group and its work) and the
+save (outside + one tensor). Measured peaks were within 15% of the estimate
+(docs/scale.md, tests/test_memory_estimate.py)."""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -19,13 +31,14 @@ from transformers import PreTrainedModel
 
 from .adapters import adapter_for, decoder_layers
 
-RUNTIME = 400 * 2**20  # python, torch, transformers and the tokenizer, measured on CPU
+RUNTIME = 550 * 2**20  # python, torch, transformers, the model skeleton and allocator slack: RSS entering the
+# block loop of a lazy run, less its hidden states (measured on the issue-18 Llama, docs/scale.md)
 GiB, MiB = 2**30, 2**20
 
 
 @dataclass(frozen=True)
 class MemoryEstimate:
-    """Bytes per part (module doc) and where each part lives."""
+    """Bytes per part (module doc) at the peak, and where each part lives."""
 
     host: dict[str, int]
     device: dict[str, int]
@@ -53,36 +66,49 @@ def _shape(linear: nn.Module) -> tuple[int, int]:
     return int(getattr(linear, "in_features")), int(getattr(linear, "out_features"))  # noqa: B009
 
 
-def estimate_memory(model: PreTrainedModel, samples: int, seq_len: int, batch_size: int, group_size: int,
-                    workers: int, lazy: bool, device: torch.device) -> MemoryEstimate:
-    """The MemoryEstimate of compressing `model` (real or meta tensors: only shapes are
-    read) on `samples` x `seq_len` calibration tokens, `batch_size` windows per forward,
-    in groups of `group_size` blocks, `workers` solves at once, the blocks loaded one
-    group at a time when `lazy`, the work on `device` (the model staying on the CPU)."""
+def _work(model: PreTrainedModel, samples: int, seq_len: int, batch_size: int, group: int,
+          workers: int) -> dict[str, int]:
+    """The block-side parts of one group's turn: hidden states, Grams, and the larger of
+    the block forward and the solvers (module doc)."""
     layers = decoder_layers(model)
-    in_blocks = {id(p) for p in layers.parameters()}
-    outside = _bytes([p for p in model.parameters() if id(p) not in in_blocks])
-    block = max(_bytes(list(layer.parameters())) for layer in layers)
-    group = min(group_size, len(layers))
     adapter = adapter_for(model)
     shapes = {name: _shape(layers[0].get_submodule(name)) for name in adapter.targets}
     widths = [shapes[names[0]][0] for names in adapter.groups]
-    largest = max(d1 * d2 for d1, d2 in shapes.values())
     config = getattr(model, "config", None)
     hidden = widths[0]
     inner = int(getattr(config, "intermediate_size", 4 * hidden))
     heads = int(getattr(config, "num_attention_heads", 1))
     itemsize = next(model.parameters()).element_size()
-    work = {
-        "one group of blocks" if lazy else "blocks being compressed": group * block if lazy or device.type != "cpu" else 0,
-        "hidden states": 2 * samples * seq_len * hidden * itemsize,
+    largest = max(d1 * d2 for d1, d2 in shapes.values())
+    forward = batch_size * seq_len * (4 * inner + heads * seq_len) * 4 + 4 * max(widths) ** 2
+    solvers = workers * 8 * (2 * max(d1 for d1, _ in shapes.values()) ** 2 + 6 * largest)
+    return {
+        "hidden states": ((2 if group > 1 else 1) * samples + batch_size) * seq_len * hidden * itemsize,
         "Grams": group * sum(8 * w * w for w in widths),
-        "block forward": batch_size * seq_len * (4 * inner + heads * seq_len) * 4,
-        "solvers": workers * 6 * 8 * largest,
+        "solvers" if solvers >= forward else "block forward": max(solvers, forward),
     }
-    host = {"outside the blocks": outside, "runtime": RUNTIME}
+
+
+def estimate_memory(model: PreTrainedModel, samples: int, seq_len: int, batch_size: int, group_size: int,
+                    workers: int, lazy: bool, device: torch.device) -> MemoryEstimate:
+    """The MemoryEstimate of compressing `model` (real or meta tensors: only shapes are
+    read) on `samples` x `seq_len` calibration tokens, `batch_size` windows per forward,
+    in groups of `group_size` blocks, `workers` solves at once, the blocks loaded one
+    group at a time when `lazy`, the work on `device` (the model staying on the CPU).
+    The parts are those of the phase with the highest host peak (module doc)."""
+    layers = decoder_layers(model)
+    in_blocks = {id(p) for p in layers.parameters()}
+    outside = _bytes([p for p in model.parameters() if id(p) not in in_blocks])
+    block = max(_bytes(list(layer.parameters())) for layer in layers)
+    group = min(group_size, len(layers))
+    work = _work(model, samples, seq_len, batch_size, group, workers)
+    held = {"one group of blocks": group * block} if lazy else {"all blocks": len(layers) * block}
+    on_cpu = device.type == "cpu"
     if not lazy:
-        host["all blocks"] = len(layers) * block
-    if device.type == "cpu":
-        return MemoryEstimate({**host, **work}, {})
-    return MemoryEstimate(host, work)
+        host = {"runtime": RUNTIME, "outside the blocks": outside, **held}
+        return MemoryEstimate({**host, **work}, {}) if on_cpu else \
+            MemoryEstimate(host, {"blocks being compressed": group * block, **work})
+    capture = {"runtime": RUNTIME, "outside the blocks": outside, "hidden states": work["hidden states"]}
+    loop = {"runtime": RUNTIME, **held, **work} if on_cpu else {"runtime": RUNTIME, **held}
+    host = max(capture, loop, key=lambda parts: sum(parts.values()))
+    return MemoryEstimate(host, {}) if on_cpu else MemoryEstimate(host, {**held, **work})

@@ -24,6 +24,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from .. import api
 from ..budget import check_ratio
+from ..cli_common import add_update_arg
 from ..data import load_corpus
 from ..errors import CospadiError
 from ..files import atomic_folder
@@ -305,6 +306,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batches", default=",".join(map(str, d.batches)), help="comma-separated prefill batch sizes")
     p.add_argument("--repeats", type=int, default=d.repeats, help="timed runs per figure (the median is kept)")
     p.add_argument("--threads", type=int, default=d.threads, help="torch CPU threads of the measured processes")
+    add_update_arg(p)
     p.add_argument("--no-dense-path-row", action="store_true", help="skip the cospadi row with the dense path forced")
     p.add_argument("--profile", action="store_true", help="add torch.profiler tables of cospadi decode and prefill")
     p.add_argument("--work", default="runs/bench-infer", help="folder keeping the saved models between runs")
@@ -323,4 +325,5 @@ def from_args(args: argparse.Namespace) -> InferBench:
                       compute_dtypes=tuple(args.dtypes.split(",")), calib_samples=args.calib_samples, seq_len=args.seq_len,
                       seed=args.seed, prompt_len=args.prompt_len, new_tokens=args.new_tokens,
                       prefill_len=args.prefill_len, batches=batches, repeats=args.repeats, threads=args.threads,
-                      dense_path_row=not args.no_dense_path_row, profile=args.profile)
+                      dense_path_row=not args.no_dense_path_row, profile=args.profile,
+                      options=SolverOptions(update=args.update))

@@ -8,10 +8,11 @@ MLP's gate and up make the dictionary overcomplete (k > d1), side by side in one
   on 2 CPU cores, so not in the default set);
 * solvers: svd-llm at the same ratio; "complete", the default solver with k = d1 atoms
   and the same s (the error the overcomplete solver must not exceed, and its time
-  reference); "default", the overcomplete default (atom-by-atom K-SVD sweeps); "mod",
-  the default with block (MOD) updates of all atoms at once instead (`--update mod`);
-  "before", what the default did for k > d1 before the overcomplete start (an SVD start
-  and one Batch-OMP alternation, then K-SVD sweeps).
+  reference); "default", the overcomplete default (with the dictionary update --update
+  names: block (MOD) updates of all atoms at once unless told otherwise); "mod" and
+  "sweeps", the default with the MOD update or the atom-by-atom K-SVD sweeps; "before",
+  what the default did for k > d1 before the overcomplete start (an SVD start and one
+  Batch-OMP alternation, then K-SVD sweeps).
 
 `--estimate` adds the whole-model estimate: the solver time of every matrix of one block
 of a model with Qwen2.5-0.5B's shapes (hidden 896, MLP 4864, 14 heads of 64, 2 KV heads)
@@ -33,7 +34,8 @@ Case = tuple[torch.Tensor, torch.Tensor]  # W (d1, d2), Gram (d1, d1), float64
 BEFORE = SolverOptions(init="svd", iters=1, coder="omp", update="ksvd")  # k > d1 before the overcomplete start
 CASES = ("smollm2-gate", "smollm2-gate-up", "random-896x4864", "random-4096x14336")
 DEFAULT_CASES = CASES[:3]
-CONFIGS = ("svd-llm", "complete", "default", "mod", "before")
+CONFIGS = ("svd-llm", "complete", "default", "mod", "sweeps", "before")
+DEFAULT_CONFIGS = ("svd-llm", "complete", "default", "sweeps")
 QWEN05 = {"self_attn.q_proj": (896, 896), "self_attn.k_proj": (896, 128), "self_attn.v_proj": (896, 128),
           "self_attn.o_proj": (896, 896), "mlp.gate_proj": (896, 4864), "mlp.up_proj": (896, 4864),
           "mlp.down_proj": (4864, 896)}
@@ -79,6 +81,7 @@ def _solvers(weight: torch.Tensor, gram: torch.Tensor, ratio: float,
             "complete": (lambda: cospadi(weight, gram, complete, options), complete),
             "default": (lambda: cospadi(weight, gram, budget, options), budget),
             "mod": (lambda: cospadi(weight, gram, budget, options.but(update="mod")), budget),
+            "sweeps": (lambda: cospadi(weight, gram, budget, options.but(update="ksvd")), budget),
             "before": (lambda: cospadi(weight, gram, budget, BEFORE), budget)}
 
 

@@ -20,15 +20,22 @@ from ..models import load_model
 from ..pipeline import accumulate_grams, capture_block_inputs, run_block
 from ..solvers import PAPER, SolverOptions, output_error, svd_llm
 
-CONFIGS: dict[str, SolverOptions] = {
-    "default": SolverOptions(),
-    "default-40": SolverOptions(rounds=40),  # the default with a longer orthogonal start
-    "mod": SolverOptions(update="mod"),  # the default with block (MOD) updates instead of K-SVD sweeps
-    "mod-16": SolverOptions(update="mod", sweeps=16),  # twice mod's passes
-    "paper": PAPER,
-    "orthogonal": SolverOptions(solver="orthogonal"),
-    "single-step": SolverOptions(solver="single-step"),
-}
+CONFIG_NAMES = ("default", "default-16", "default-40", "sweeps", "mod", "mod-16", "paper", "orthogonal", "single-step")
+
+
+def configs(update: str) -> dict[str, SolverOptions]:
+    """Each configuration's options; "default" and its variants use the dictionary update
+    `update` (--update), "sweeps" and "mod" name theirs."""
+    base = SolverOptions(update=update)
+    return {"default": base,
+            "default-16": base.but(sweeps=16),  # twice the update passes
+            "default-40": base.but(rounds=40),  # a longer orthogonal start
+            "sweeps": base.but(update="ksvd"),  # atom-by-atom K-SVD sweeps
+            "mod": base.but(update="mod"),  # block (MOD) updates of all atoms at once
+            "mod-16": base.but(update="mod", sweeps=16),
+            "paper": PAPER,
+            "orthogonal": SolverOptions(solver="orthogonal"),
+            "single-step": SolverOptions(solver="single-step")}
 
 
 def describe_options(o: SolverOptions) -> str:

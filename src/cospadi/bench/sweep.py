@@ -23,10 +23,12 @@ from ..evaluation.lm_eval_tasks import LASTWORD, WORDPPL
 from ..evaluation.perplexity import perplexity
 from ..files import atomic_file
 from ..groups import check_group_size
-from ..methods import REGISTRY, get_method
+from ..methods import QUANTIZERS, REGISTRY, check_quant, get_method
 from ..models import load_model
 from ..pruning.plan import parse_depth_method, uses_solver_options
 from ..solvers import SolverOptions
+from ..solvers.quantize import DEFAULT_GROUP, parse_quant
+from .pareto import linear_bytes
 
 
 def _bench_labels() -> dict[str, tuple[str, bool]]:
@@ -34,7 +36,7 @@ def _bench_labels() -> dict[str, tuple[str, bool]]:
     under its name (grouped when its default is), and "<name>-group" for a method that
     can share but runs per layer by default (cospadi-group)."""
     labels = {}
-    for name, method in REGISTRY.items():
+    for name, method in {**REGISTRY, **QUANTIZERS}.items():
         labels[name] = (name, method.default_group_size > 1)
         if method.shares and method.default_group_size == 1:
             labels[f"{name}-group"] = (name, True)
@@ -42,6 +44,8 @@ def _bench_labels() -> dict[str, tuple[str, bool]]:
 
 
 BENCH_METHODS = _bench_labels()
+# the default sweep: every label but the quantization-only baselines (rtn, gptq need --quant)
+DEFAULT_METHODS = tuple(label for label, (name, _) in BENCH_METHODS.items() if name in REGISTRY)
 DEFAULT_LASTWORD_EXAMPLES = 300
 DEFAULT_WORDPPL_DOCS = 100
 
@@ -79,7 +83,7 @@ class Sweep:
 
     model: str = "smollm2-135m"
     data: str = "wiki"
-    methods: tuple[str, ...] = tuple(BENCH_METHODS)
+    methods: tuple[str, ...] = DEFAULT_METHODS
     ratios: tuple[float, ...] = (0.2, 0.3, 0.4, 0.5)
     calib_samples: int = api.DEFAULT_CALIB_SAMPLES
     seq_len: int = api.DEFAULT_SEQ_LEN
@@ -89,6 +93,9 @@ class Sweep:
     lastword_examples: int = DEFAULT_LASTWORD_EXAMPLES  # 0: no last-word accuracy
     wordppl_docs: int = DEFAULT_WORDPPL_DOCS  # 0: no word perplexity
     cost: str = DEFAULT_COST  # the knapsack's cost, for "+knapsack" labels
+    quants: tuple[str, ...] = ("none",)  # each method x ratio cell once per entry (docs/quantization.md)
+    quant_group: int = DEFAULT_GROUP
+    baseline_quants: tuple[str, ...] | None = None  # rtn / gptq cells (None: quants less "none")
 
     @property
     def key(self) -> str:
@@ -99,20 +106,44 @@ class Sweep:
         digest = hashlib.sha1(f"{Path(self.model).resolve() if Path(self.model).exists() else self.model}|"
                               f"{Path(self.data).resolve() if Path(self.data).exists() else self.data}".encode())
         lm_eval = f"-lw{self.lastword_examples}-wd{self.wordppl_docs}" if self.tasks() else ""
-        subset = "" if set(self.methods) == set(BENCH_METHODS) else "-m" + "+".join(self.methods)
+        subset = "" if set(self.methods) == set(DEFAULT_METHODS) else "-m" + "+".join(self.methods)
         return (f"{Path(self.model).name}-{Path(self.data).stem}-{digest.hexdigest()[:8]}"
                 f"-c{self.calib_samples}x{self.seq_len}-e{self.eval_windows}{lm_eval}-s{self.options.seed}{subset}")
 
-    def cell_name(self, label: str, ratio: float) -> str:
+    @property
+    def section(self) -> str:
+        """The BENCHMARKS.md section (and plot) name: the key, plus the dictionary update
+        when a method uses it and it is not ksvd (sections taken before mod became the
+        default keep their names and are not overwritten by the default's)."""
+        solver = any(uses_solver_options(parse_label(label)[0]) for label in self.methods)
+        return self.key + (update_suffix(self.options.update) if solver else "")
+
+    def cell_name(self, label: str, ratio: float, quant: str = "none") -> str:
         """The cache file of one cell: grouped methods carry their group size, dictionary
-        methods their solver options."""
+        methods their solver options, quantized cells their quantization (e.g. "-int4",
+        "-int4-g64" for another group size; cells without one keep their names)."""
         method, grouped, allocation = parse_label(label)
         o = self.options
-        update = "" if o.update == "ksvd" else f"-{o.update}"  # ksvd cells keep the names they had before mod
         solver = (f"-rho{o.rho:g}-{o.solver}-{o.init}-r{o.rounds}-it{o.iters}-sw{o.sweeps}-p{o.power_iters}-{o.coder}"
-                  f"{update}" if uses_solver_options(method) else "")
+                  f"{update_suffix(o.update)}" if uses_solver_options(method) else "")
         cost = f"-{self.cost}" if allocation != "uniform" else ""
-        return f"{label}{f'-g{self.group_size}' if grouped else ''}{solver}{cost}-{ratio:g}.json"
+        quantized = "" if quant == "none" else f"-{quant}" + (f"-g{self.quant_group}" if self.quant_group != DEFAULT_GROUP
+                                                               else "")
+        return f"{label}{f'-g{self.group_size}' if grouped else ''}{solver}{cost}-{ratio:g}{quantized}.json"
+
+    def cells(self) -> list[tuple[str, float, str]]:
+        """(label, ratio, quant) of every compressed cell in sweep order: ratio by ratio
+        every label but the quantization-only baselines at each of `quants`, then the
+        baselines (ratio 0, once per baseline quantization)."""
+        baselines = [label for label in self.methods if _ratio_free(label)]
+        cells = [(label, ratio, quant) for ratio in self.ratios for label in self.methods if label not in baselines
+                 for quant in self.quants]
+        return cells + [(label, 0.0, quant) for label in baselines for quant in self.baseline_quant_names()]
+
+    def baseline_quant_names(self) -> tuple[str, ...]:
+        """The quantizations of the rtn / gptq cells."""
+        chosen = self.baseline_quants if self.baseline_quants is not None else self.quants
+        return tuple(q for q in chosen if q != "none")
 
     def tasks(self) -> list[str]:
         """The local lm-eval tasks every cell runs."""
@@ -122,6 +153,7 @@ class Sweep:
         """CospadiError on any bad setting, before anything runs."""
         for label in self.methods:
             check_label(label)
+        self._check_quants()
         for ratio in self.ratios:
             check_ratio(ratio)
         check_group_size(self.group_size, get_method("cospadi"))
@@ -133,6 +165,33 @@ class Sweep:
             from ..evaluation.lm_eval_runner import require_lm_eval
 
             require_lm_eval()  # fails now, with the pip command, when lm-eval is missing
+
+    def _check_quants(self) -> None:
+        """CospadiError for a quantization a label cannot take (methods/quantized.py)."""
+        for quant in (*self.quants, *(self.baseline_quants or ())):
+            parse_quant(quant, self.quant_group)
+        for label, _, quant in self.cells():
+            method, grouped, _ = parse_label(label)
+            spec = parse_quant(quant, self.quant_group)
+            if spec is not None and parse_depth_method(method) is not None:
+                raise CospadiError(f"bench: {label} cannot be quantized (depth pruning takes --quant none)")
+            if parse_depth_method(method) is None:
+                check_quant(get_method(method), spec, self.group_size if grouped else 1)
+        if any(_ratio_free(label) for label in self.methods) and not self.baseline_quant_names():
+            raise CospadiError("bench: rtn and gptq only quantize: give --quant (or --baseline-quant) with int8, int4 "
+                               "or int3")
+
+
+def update_suffix(update: str) -> str:
+    """The suffix of a cell or section name computed with dictionary update `update`: none
+    for ksvd, so what was computed before mod became the default keeps its name."""
+    return "" if update == "ksvd" else f"-{update}"
+
+
+def _ratio_free(label: str) -> bool:
+    """Whether a bench label is a quantization-only baseline (rtn, gptq: no ratio)."""
+    method = parse_label(label)[0]
+    return parse_depth_method(method) is None and get_method(method).ignores_ratio
 
 
 def _write_json(path: Path, data: dict) -> None:
@@ -152,28 +211,32 @@ def run_sweep(sweep: Sweep, cache: Path, progress: bool = True) -> list[dict]:
     windows = api.evaluation_ids(model, tokenizer, eval_texts, sweep.seq_len, sweep.eval_windows)
     dense_path = folder / "dense.json"
     if not dense_path.exists():
-        _write_json(dense_path, {"method": "dense", "ratio": 0.0,
+        _write_json(dense_path, {"method": "dense", "ratio": 0.0, "linear_bytes": linear_bytes(model),
                                  **evaluate_cell(model, tokenizer, windows, eval_texts, sweep, progress)})
     rows = [json.loads(dense_path.read_text())]
-    for ratio in sweep.ratios:
-        for label in sweep.methods:
-            path = folder / sweep.cell_name(label, ratio)
-            if not path.exists():
-                method, grouped, allocation = parse_label(label)
-                model, _ = load_model(sweep.model)  # fresh dense weights for every cell
-                start = time.perf_counter()
-                _, report = api.compress(model, tokenizer, input_ids=ids, method=method, ratio=ratio,
-                                         progress=progress, group_size=sweep.group_size if grouped else 1,
-                                         allocation=allocation, cost=sweep.cost, profile_cache=str(folder / "profiles"),
-                                         **asdict(sweep.options))
-                seconds = time.perf_counter() - start
-                _write_json(path, {"method": label, "ratio": ratio, "group_size": report.group_size,
-                                   **evaluate_cell(model, tokenizer, windows, eval_texts, sweep, progress),
-                                   "seconds": seconds, "linear_ratios": report.linear_ratios,
-                                   "model_ratios": report.model_ratios, "params": report.compressed_params,
-                                   "peak_rss_mb": report.peak_rss_mb, "output_errors": mean_errors(report),
-                                   "allocation": report.allocation})
-            rows.append(json.loads(path.read_text()))
+    if "linear_bytes" not in rows[0]:  # cached before bytes were recorded
+        rows[0]["linear_bytes"] = linear_bytes(model)
+        _write_json(dense_path, rows[0])
+    for label, ratio, quant in sweep.cells():
+        path = folder / sweep.cell_name(label, ratio, quant)
+        if not path.exists():
+            method, grouped, allocation = parse_label(label)
+            model, _ = load_model(sweep.model)  # fresh dense weights for every cell
+            start = time.perf_counter()
+            _, report = api.compress(model, tokenizer, input_ids=ids, method=method, ratio=ratio,
+                                     progress=progress, group_size=sweep.group_size if grouped else 1,
+                                     allocation=allocation, cost=sweep.cost, profile_cache=str(folder / "profiles"),
+                                     quant=quant, quant_group=sweep.quant_group, **asdict(sweep.options))
+            seconds = time.perf_counter() - start
+            quantized = {} if quant == "none" else {"quant": quant, "quant_group": sweep.quant_group}
+            _write_json(path, {"method": label, "ratio": ratio, "group_size": report.group_size, **quantized,
+                               **evaluate_cell(model, tokenizer, windows, eval_texts, sweep, progress),
+                               "seconds": seconds, "linear_ratios": report.linear_ratios,
+                               "model_ratios": report.model_ratios, "params": report.compressed_params,
+                               "linear_bytes": linear_bytes(model),
+                               "peak_rss_mb": report.peak_rss_mb, "output_errors": mean_errors(report),
+                               "allocation": report.allocation})
+        rows.append(json.loads(path.read_text()))
     return rows
 
 
@@ -212,7 +275,8 @@ def table_rows(rows: list[dict]) -> list[dict]:
     out = []
     for r in rows:
         lin, mod = r.get("linear_ratios"), r.get("model_ratios")
-        out.append({"method": r["method"], "ratio": f"{r['ratio']:g}",
+        quant = {"quant": r.get("quant", "none")} if any("quant" in row for row in rows) else {}
+        out.append({"method": r["method"], "ratio": f"{r['ratio']:g}", **quant,
                     "eff. ratio": f"{lin['effective']:.3f}" if lin else "-",
                     "storage ratio": f"{lin['storage']:.3f}" if lin else "-",
                     "model eff. / storage": f"{mod['effective']:.3f} / {mod['storage']:.3f}" if mod else "-",
@@ -260,9 +324,14 @@ def describe(sweep: Sweep, command: str, rows: list[dict] | None = None) -> str:
     sharing = (f"; {', '.join(grouped)} share q/k/v/gate/up across groups of {sweep.group_size} consecutive "
                "blocks (o/down per layer)") if grouped else ""
     measured = "; ".join([f"token perplexity on {sweep.eval_windows} x {sweep.seq_len} held-out tokens"] + evals)
+    if any(quant != "none" for _, _, quant in sweep.cells()):
+        sharing += (f"; quantized cells (quant column): factors as symmetric integer codes with one bf16 scale per "
+                    f"{sweep.quant_group} inputs, GPTQ on the calibration Grams (rtn: round to nearest; "
+                    "docs/quantization.md)")
     return (f"Model `{sweep.model}`; calibration {sweep.calib_samples} x {sweep.seq_len} tokens ({sweep.data}, "
             f"seed {o.seed}); {measured}. cospadi rho={o.rho:g}, solver={o.solver}, init={o.init}, "
-            f"iters={o.iters}, sweeps={o.sweeps}, power_iters={o.power_iters}{sharing}. "
+            f"iters={o.iters}, update={o.update}, sweeps={o.sweeps}"
+            f"{f', power_iters={o.power_iters}' if o.update == 'ksvd' else ''}{sharing}. "
             f"Ratios: eff. = eq. 11, storage = eq. 10 with the bitmask, over the compressed linears, then over the "
             f"whole model (embeddings stay dense); shared factors count once. Time: compression wall time "
             f"(calibration + solving; for +knapsack also the whole profiling for the {sweep.cost} cost, measured once per "

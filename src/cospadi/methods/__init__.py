@@ -6,6 +6,7 @@ from ..errors import CospadiError
 from .base import Budget, Method
 from .basis_sharing import BasisSharing
 from .cospadi import Cospadi
+from .quantized import Gptq, Rtn, check_quant
 from .svd import Svd
 from .svd_llm import SvdLlm
 
@@ -21,12 +22,18 @@ def register(method: Method) -> Method:
 for _method in (Svd(), SvdLlm(), BasisSharing(), Cospadi()):  # a new method: one more entry here
     register(_method)
 
+# quantization alone (docs/quantization.md): get_method finds them, method_names() (the
+# factorization methods, which every ratio applies to) does not list them
+QUANTIZERS: dict[str, Method] = {method.name: method for method in (Rtn(), Gptq())}
+
 
 def get_method(name: str) -> Method:
-    """The registered method called `name`; CospadiError listing the known ones."""
-    if name not in REGISTRY:
-        raise CospadiError(f"unknown method {name!r}; choose one of: {', '.join(REGISTRY)}")
-    return REGISTRY[name]
+    """The registered method (or quantization-only baseline) called `name`; CospadiError
+    listing the known ones."""
+    method = REGISTRY.get(name) or QUANTIZERS.get(name)
+    if method is None:
+        raise CospadiError(f"unknown method {name!r}; choose one of: {', '.join([*REGISTRY, *QUANTIZERS])}")
+    return method
 
 
 def method_names() -> tuple[str, ...]:
@@ -34,4 +41,4 @@ def method_names() -> tuple[str, ...]:
     return tuple(REGISTRY)
 
 
-__all__ = ["Budget", "Method", "REGISTRY", "get_method", "method_names", "register"]
+__all__ = ["Budget", "Method", "QUANTIZERS", "REGISTRY", "check_quant", "get_method", "method_names", "register"]

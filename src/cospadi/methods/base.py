@@ -9,10 +9,21 @@ from typing import Any, ClassVar
 import torch
 
 from ..budget import DictBudget, LowRankBudget, lowrank_budget
+from ..errors import CospadiError
 from ..layers.base import CompressedLinear
 from ..layers.linear import LowRankLinear
+from ..layers.quantized import QuantLowRankLinear
 from ..solvers.options import SolverOptions
 from ..solvers.profile import lowrank_errors, whitened_spectrum
+from ..solvers.quantize import (
+    QuantDenseFactors,
+    QuantDictFactors,
+    QuantLowRankFactors,
+    QuantSpec,
+    quantize_lowrank,
+)
+
+QUANT_FACTORS = (QuantDictFactors, QuantLowRankFactors, QuantDenseFactors)
 
 Budget = LowRankBudget | DictBudget
 
@@ -25,13 +36,20 @@ class Method:
     factors become. shares: whether `members` > 1 matrices can share one left factor
     (per-group mode). default_group_size: the blocks per group when the user gives none.
     uses_solver_options: whether SolverOptions change its result (bench cache names,
-    resume fingerprints)."""
+    resume fingerprints). quantized_kind: the CompressedLinear its quantized factors
+    become (None: `--quant` is refused). ignores_ratio: the method keeps every matrix's
+    shape and only quantizes it (rtn, gptq: the ratio is 0). dense_quantizer: how a matrix
+    kept dense (ratio 0) is quantized under `--quant` ("gptq" or "rtn";
+    docs/quantization.md)."""
 
     name: ClassVar[str]
     module_kind: ClassVar[type[CompressedLinear]]
     shares: ClassVar[bool] = False
     default_group_size: ClassVar[int] = 1
     uses_solver_options: ClassVar[bool] = False
+    quantized_kind: ClassVar[type[CompressedLinear] | None] = None
+    ignores_ratio: ClassVar[bool] = False
+    dense_quantizer: ClassVar[str] = "gptq"
 
     def budget(self, d1: int, d2: int, ratio: float, options: SolverOptions, members: int = 1) -> Budget:
         """The budget removing `ratio` of `members` (d1, d2) matrices that share one left
@@ -56,13 +74,21 @@ class Method:
         tracks it (solvers/profile.py); allocation compares budgets by it."""
         raise NotImplementedError
 
+    def quantize(self, factors: Any, weight: torch.Tensor, gram: torch.Tensor, spec: QuantSpec) -> Any:
+        """The factors of `weight` (d1, d2) quantized as `spec` says, calibrated on its Gram
+        (d1, d1) (solvers/quantize.py); CospadiError for a method without quantized kind."""
+        raise CospadiError(f"method {self.name} cannot quantize its factors: leave out --quant")
+
     def build(self, factors: Sequence[Any], biases: Sequence[torch.Tensor | None],
               dtype: torch.dtype) -> list[CompressedLinear]:
-        """One drop-in module per factor (with its bias, stored in `dtype`); all of them
-        hold the SAME nn.Parameter as their shared factor, so it is one tensor in memory,
-        counted once by model.parameters() and saved once."""
-        modules = [self.module_kind.from_factors(f, b, dtype) for f, b in zip(factors, biases)]
-        attribute = self.module_kind.shared_factor
+        """One drop-in module per factor (with its bias, stored in `dtype`), of the
+        quantized kind for quantized factors; all of them hold the SAME nn.Parameter as
+        their shared factor, so it is one tensor in memory, counted once by
+        model.parameters() and saved once."""
+        kind = self.quantized_kind if factors and isinstance(factors[0], QUANT_FACTORS) else self.module_kind
+        assert kind is not None
+        modules = [kind.from_factors(f, b, dtype) for f, b in zip(factors, biases)]
+        attribute = kind.shared_factor
         for module in modules[1:]:
             setattr(module, attribute, getattr(modules[0], attribute))
         return modules
@@ -73,7 +99,12 @@ class LowRankMethod(Method):
     (docs/method.md "Budget"); subclasses implement `solve` only."""
 
     module_kind = LowRankLinear
+    quantized_kind = QuantLowRankLinear
     whitened_basis: ClassVar[bool] = True  # the basis comes from the whitened SVD (False: data-free svd)
+
+    def quantize(self, factors: Any, weight: torch.Tensor, gram: torch.Tensor, spec: QuantSpec) -> Any:
+        """GPTQ on the left factor, the right one refit and GPTQ'd (quantize_lowrank)."""
+        return quantize_lowrank(weight, gram, factors, spec)
 
     def budget(self, d1: int, d2: int, ratio: float, options: SolverOptions, members: int = 1) -> LowRankBudget:
         return lowrank_budget(d1, d2, ratio, members)

@@ -8,17 +8,20 @@ import torch
 
 from ..budget import DictBudget, dict_budget
 from ..layers.linear import DictLinear
+from ..layers.quantized import QuantDictLinear
 from ..solvers import cospadi, cospadi_grouped
 from ..solvers.dictionary import check_solver
 from ..solvers.factors import SparseDictFactors
 from ..solvers.options import SolverOptions
 from ..solvers.profile import thresholded_errors, whitened_spectrum
+from ..solvers.quantize import QuantDictFactors, QuantSpec, quantize_dict
 from .base import Method
 
 
 class Cospadi(Method):
     name = "cospadi"
     module_kind = DictLinear
+    quantized_kind = QuantDictLinear
     shares = True
     uses_solver_options = True
 
@@ -33,6 +36,11 @@ class Cospadi(Method):
         if len(weights) == 1:
             return [cospadi(weights[0], grams[0], budget, options)]
         return cospadi_grouped(weights, grams, budget, options)
+
+    def quantize(self, factors: SparseDictFactors, weight: torch.Tensor, gram: torch.Tensor,
+                 spec: QuantSpec) -> QuantDictFactors:
+        """GPTQ on D, the values of S refit on their support and rounded (quantize_dict)."""
+        return quantize_dict(weight, gram, factors, spec)
 
     def error_curve(self, weights: Sequence[torch.Tensor], grams: Sequence[torch.Tensor],
                     budgets: Sequence[DictBudget], options: SolverOptions) -> list[float]:

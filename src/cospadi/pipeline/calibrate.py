@@ -37,16 +37,22 @@ def calibrate_block(layer: nn.Module, adapter: Adapter, states: list[torch.Tenso
     def hook_for(group: tuple[str, ...]) -> Callable:
         def hook(module: nn.Module, args: tuple) -> None:
             x = args[0].detach().reshape(-1, args[0].shape[-1]).float()
-            product = (x.T @ x).double()
+            product = x.T @ x
             if fold is not None:
-                products[group].append(product)
+                products[group].append(product.double())
+            elif group in grams:  # in place: float64 += float32 widens each entry exactly, so the bits of
+                grams[group].add_(product)  # gram + product.double(), without two more (d1, d1) float64 copies
             else:
-                grams[group] = grams[group] + product if group in grams else product
+                grams[group] = product.double()
         return hook
 
     handles = [layer.get_submodule(group[0]).register_forward_pre_hook(hook_for(group)) for group in adapter.groups]
     try:
-        outputs = run_block(layer, states, kwargs)
+        if keep_outputs:
+            outputs = run_block(layer, states, kwargs)
+        else:  # each batch's outputs are dropped at once
+            for hidden in states:
+                run_block(layer, [hidden], kwargs)
     finally:
         for handle in handles:
             handle.remove()

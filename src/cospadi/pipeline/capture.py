@@ -65,3 +65,12 @@ def run_block(layer: nn.Module, states: list[torch.Tensor], kwargs: BlockKwargs)
         out = layer(hidden, **kwargs[hidden.shape[0]])
         outputs.append(out[0] if isinstance(out, tuple) else out)
     return outputs
+
+
+@torch.no_grad()
+def propagate(layer: nn.Module, states: list[torch.Tensor], kwargs: BlockKwargs) -> None:
+    """Replace each batch of `states` by the block's outputs for it, in place: a batch's
+    inputs are freed as soon as its outputs exist (no second copy of every batch)."""
+    for b, hidden in enumerate(states):
+        states[b] = run_block(layer, [hidden], kwargs)[0]
+        del hidden

@@ -2,25 +2,27 @@
 
 The model is built without weights (accelerate's `init_empty_weights`: parameters on the
 meta device), then the embeddings, final norm and head are read from the shards. Each
-block's weights are read (safetensors `safe_open`, one file at a time, closed again) only
-when its group's turn comes; once compressed and propagated, the group is cast to the
-storage dtype, written to a scratch BlockStore and released to meta placeholders
-(storage/stream.py). The output folder is then assembled by `checkpoint.save` with the
-streamed writer. Peak memory: embeddings + head + one group of blocks + its Grams + the
-calibration activations, whatever the depth; the folder is byte for byte the one the
-in-memory run saves (tests/test_lazy.py)."""
+block's weights are read (plain file reads, storage/stream.py read_tensors, one file at a
+time) only when its group's turn comes; once compressed and propagated, the group is cast
+to the storage dtype, written to a scratch BlockStore and released to meta placeholders
+(storage/stream.py). The embeddings and head are released after the capture pass, and the
+tokenizer after the calibration windows are drawn; both are read again for the save. The
+output folder is then assembled by `checkpoint.save` with the streamed writer. Peak
+memory: the runtime plus the largest of the capture pass (embeddings, hidden states), one
+group's turn (its blocks, Grams, hidden states and solver work) and the save, whatever the
+depth (memory_estimate.py); the folder is byte for byte the one the in-memory run saves
+(tests/test_lazy.py)."""
 from __future__ import annotations
 
 import ctypes
 import os
 from collections import defaultdict
 from collections.abc import Callable, Iterator
-from contextlib import AbstractContextManager, contextmanager
+from contextlib import contextmanager, suppress
 from pathlib import Path
 
 import torch
 from accelerate import init_empty_weights
-from safetensors import safe_open
 from torch import nn
 from transformers import (
     AutoConfig,
@@ -40,7 +42,7 @@ from ..models import LOAD_ERRORS
 from ..report import CompressionReport
 from ..storage.checkpoint import to_storage
 from ..storage.folder_checks import INDEX, SINGLE, _Damaged, _weight_map, check_safetensors
-from ..storage.stream import BlockStore, release, streamed_weights
+from ..storage.stream import BlockStore, read_tensors, release, streamed_weights
 from .run import check_weights
 
 
@@ -80,9 +82,9 @@ class LazyModel:
 
     def _read(self, names: list[str]) -> dict[str, torch.Tensor]:
         """The tensors `names` from the weight files, floating ones cast to the model's
-        dtype; each file is opened once and closed again. The tensors are copies: one
-        kept from safetensors' memory map (the embeddings) would keep the whole file
-        mapped, and every block's pages read from it would stay in the resident set."""
+        dtype; each file is opened once and closed again. Read without a memory map
+        (stream.read_tensors): a tensor kept from the map (the embeddings) would keep the
+        whole file mapped, and copying out of it holds the bytes twice."""
         by_file: dict[Path, list[str]] = defaultdict(list)
         for name in names:
             if name not in self.files:
@@ -91,11 +93,8 @@ class LazyModel:
             by_file[self.files[name]].append(name)
         out = {}
         for path, keys in by_file.items():
-            with safe_open(str(path), framework="pt") as fh:
-                for key in keys:
-                    tensor = fh.get_tensor(key)
-                    cast = tensor.to(self.dtype) if tensor.is_floating_point() else tensor
-                    out[key] = cast.clone() if cast.data_ptr() == tensor.data_ptr() else cast
+            for key, tensor in read_tensors(path, keys).items():
+                out[key] = tensor.to(self.dtype) if tensor.is_floating_point() else tensor
         return out
 
     def _load_rest(self) -> None:
@@ -112,6 +111,26 @@ class LazyModel:
             if not name.startswith(self.prefix) and tensor.is_meta:
                 raise CospadiError(f"the weight files of {self.folder} lack {name}; the folder is damaged or mixed "
                                    "from two models: copy or download it again")
+
+    def release_rest(self) -> None:
+        """Replace every parameter outside the blocks (embeddings, norm, head; tied ones
+        stay tied) by a meta placeholder: the block loop does not use them, and
+        reload_rest reads them again for the save."""
+        in_blocks = {id(module) for module in self.layers.modules()}
+        memo: dict[int, nn.Parameter] = {}
+        for module in self.model.modules():
+            if id(module) in in_blocks:
+                continue
+            for name, param in list(module._parameters.items()):
+                if param is not None:
+                    if id(param) not in memo:
+                        memo[id(param)] = nn.Parameter(torch.empty_like(param, device="meta"),
+                                                       requires_grad=param.requires_grad)
+                    module._parameters[name] = memo[id(param)]
+
+    def reload_rest(self) -> None:
+        """Read the tensors outside the blocks again (after release_rest)."""
+        self._load_rest()
 
     def load_blocks(self, blocks: list[int]) -> None:
         """Read the weights of `blocks` into the model (CospadiError for a missing tensor,
@@ -152,8 +171,14 @@ class StreamedBlocks:
                  coef_bits: int | None) -> None:
         self.lazy, self.store, self.dtype, self.coef_bits = lazy, store, dtype, coef_bits
 
-    def capturing(self) -> AbstractContextManager[None]:
-        return self.lazy.capturing()
+    @contextmanager
+    def capturing(self) -> Iterator[None]:
+        """The capture pass; afterwards the embeddings and head are released until the save
+        (LazyModel.release_rest): only the blocks run from then on."""
+        with self.lazy.capturing():
+            yield
+        self.lazy.release_rest()
+        trim_heap()
 
     def load(self, blocks: list[int]) -> None:
         self.lazy.load_blocks(blocks)
@@ -165,7 +190,9 @@ class StreamedBlocks:
         for i in blocks:
             tensors.update(self.lazy.layers[i].state_dict(prefix=f"{self.lazy.prefix}{i}.", keep_vars=True))
         self.store.put(blocks[0], tensors)
+        del tensors
         release(group)
+        trim_heap()
 
 
 def _tensor_files(folder: Path) -> dict[str, Path]:
@@ -245,13 +272,16 @@ def compress_folder(folder: str | os.PathLike, out: str | os.PathLike, *, input_
                             threads, True, target).describe())
     if input_ids is None:
         input_ids = api.calibration_ids(lazy.model, tokenizer, texts, calib_samples, seq_len, options.seed)
+    del tokenizer  # read again for the save: the block loop has no use for it
+    trim_heap()  # the tokenizer and the tokenized corpus's Python objects (about 150 MiB with the built-in text)
     with scratch_folder(Path(out), "--out folder") as scratch:
         store = BlockStore(scratch)
         report = compress_blocks(lazy.model, input_ids, recipe, batch_size=batch_size, progress=progress,
                                  workers=workers, device=device, source=StreamedBlocks(lazy, store, dtype, coef_bits))
         saved = {"summary": summary(report), **report.to_dict()} if summary is not None else report.to_dict()
+        lazy.reload_rest()
         with streamed_weights(store):
-            save(lazy.model, tokenizer, out, saved, dtype=dtype, coef_bits=coef_bits, overwrite=overwrite,
+            save(lazy.model, load_tokenizer(folder), out, saved, dtype=dtype, coef_bits=coef_bits, overwrite=overwrite,
                  max_shard_size=max_shard_size)
     return report
 
@@ -280,3 +310,11 @@ def return_freed_memory(threshold: int = 2**20) -> bool:
         return bool(libc.mallopt(M_MMAP_THRESHOLD, threshold))
     except (OSError, AttributeError):
         return False
+
+
+def trim_heap() -> None:
+    """Give the free pages inside glibc's heap back to the system (malloc_trim; a no-op
+    off glibc): small freed objects, such as a tokenized corpus's Python integers, leave
+    pages no allocation above the mmap threshold will reuse."""
+    with suppress(OSError, AttributeError):
+        ctypes.CDLL(None).malloc_trim(0)

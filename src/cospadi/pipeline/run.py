@@ -26,13 +26,14 @@ from ..budget import check_ratio
 from ..devices import resolve_device, to_device, visiting
 from ..errors import CospadiError
 from ..groups import block_groups, check_group_size
-from ..methods import Method, get_method
+from ..methods import Method, check_quant, get_method
 from ..report import CompressionReport, peak_rss_mb
 from ..resume import Progress, check_resume_dir, load_progress, restore_groups, run_fingerprint, save_group, save_progress
 from ..solvers import SolverOptions
+from ..solvers.quantize import QuantSpec
 from . import distributed
 from .calibrate import calibrate_block
-from .capture import BlockKwargs, capture_block_inputs, run_block
+from .capture import BlockKwargs, capture_block_inputs, propagate
 from .distributed import Ranks
 from .solve import Job, Solved, job_members, plan_jobs, solve_jobs
 
@@ -49,12 +50,14 @@ class Recipe:
     options: SolverOptions = field(default_factory=SolverOptions)
     group_size: int = 1
     ratios: RatioMap | None = None
+    quant: QuantSpec | None = None  # the factors quantized (docs/quantization.md); None: not
 
     def settings(self) -> dict:
         """The JSON-ready description of the recipe (resume fingerprints)."""
         ratios = None if self.ratios is None else sorted([b, n, r] for (b, n), r in self.ratios.items())
+        quant = {} if self.quant is None else {"quant": [self.quant.bits, self.quant.group]}
         return dict(method=self.method, ratio=self.ratio, options=vars(self.options), group_size=self.group_size,
-                    ratios=ratios)
+                    ratios=ratios, **quant)
 
 
 class BlockSource(Protocol):
@@ -123,6 +126,7 @@ def compress_blocks(model: PreTrainedModel, input_ids: torch.Tensor, recipe: Rec
         own = input_ids if run.ranks is None else run.ranks.windows(input_ids, batch_size)
         states, block_kwargs = capture_block_inputs(model, run.layers, own, batch_size)
     run.states, run.block_kwargs = to_device(states, run.target), to_device(block_kwargs, run.target)
+    del states, block_kwargs  # the run's lists only: a second one would hold block 0's inputs to the end
     groups = block_groups(len(run.layers), recipe.group_size)
     done, seconds_before, files = 0, 0.0, {}
     if saved is not None:
@@ -174,11 +178,16 @@ def check_recipe(model: PreTrainedModel, recipe: Recipe) -> RatioMap:
     job's budget (a budget too small for one nonzero per column, a solver that cannot hold
     it). CospadiError otherwise; returns the per-matrix ratios the run will use."""
     method = get_method(recipe.method)
-    check_ratio(recipe.ratio)
+    if not method.ignores_ratio:
+        check_ratio(recipe.ratio)
     check_group_size(recipe.group_size, method)
+    if recipe.quant is not None:
+        check_quant(method, recipe.quant, recipe.group_size)
     adapter = adapter_for(model)
     layers = decoder_layers(model)
     check_weights(adapter, layers)
+    if method.ignores_ratio:  # rtn, gptq: every matrix keeps its shape (ratio 0) and is quantized
+        return {(block, name): 0.0 for block in range(len(layers)) for name in adapter.targets}
     ratios = recipe.ratios if recipe.ratios is not None else uniform_ratios(len(layers), adapter.targets, recipe.ratio)
     check_ratio_map(ratios, len(layers), adapter.targets)
     for blocks in block_groups(len(layers), recipe.group_size):
@@ -221,17 +230,17 @@ def _compress_group(run: _Run, blocks: list[int], bar: tqdm) -> None:
                 run.report.matrices.append(row)
         del grams, jobs, solved, inputs
         for i in blocks:
-            run.states = run_block(layers[i], run.states, run.block_kwargs[i])
+            propagate(layers[i], run.states, run.block_kwargs[i])
 
 
 def _solve(run: _Run, jobs: list[Job], bar: tqdm) -> dict[int, Solved]:
     """solve_jobs on one process; on several ranks, each solves the jobs distributed.py
     assigns it and every job's result is shared with all (on the CPU, then back)."""
     if run.ranks is None:
-        return solve_jobs(jobs, run.method, run.recipe.options, run.workers, bar.update)
+        return solve_jobs(jobs, run.method, run.recipe.options, run.workers, bar.update, run.recipe.quant)
     owners = run.ranks.assign([job.size for job in jobs])
     mine = solve_jobs([job for job, owner in zip(jobs, owners) if owner == run.ranks.rank], run.method,
-                      run.recipe.options, run.workers, bar.update)
+                      run.recipe.options, run.workers, bar.update, run.recipe.quant)
     home = torch.device("cpu")
     results = run.ranks.share([_moved(mine[id(job)], home) if id(job) in mine else None for job in jobs], owners)
     bar.update(sum(len(job.members) for job, owner in zip(jobs, owners) if owner != run.ranks.rank))

@@ -16,9 +16,11 @@ from torch import nn
 
 from ..adapters import Adapter
 from ..allocation import RatioMap, shared_ratio
+from ..layers.quantized import QuantLinear
 from ..methods import Method
 from ..report import MatrixReport
 from ..solvers import SolverOptions, output_error
+from ..solvers.quantize import QuantSpec, quantize_dense
 
 Grams = dict[int, dict[tuple[str, ...], torch.Tensor]]  # block -> input group of the adapter -> Gram (d1, d1)
 POLL = 0.2  # seconds the main thread waits for a job at a time (solve_jobs)
@@ -70,26 +72,27 @@ def plan_jobs(layers: nn.ModuleList, blocks: list[int], adapter: Adapter, grams:
 
 
 def solve_jobs(jobs: list[Job], method: Method, options: SolverOptions, workers: int,
-               on_done: Callable[[int], object]) -> dict[int, Solved]:
+               on_done: Callable[[int], object], quant: QuantSpec | None = None) -> dict[int, Solved]:
     """Solve every job, largest first, on `workers` threads with torch set to one thread
     each meanwhile (the solvers' many small operations use cores better side by side);
     id(job) -> its Solved. on_done(count) is called with each finished job's member count.
     When the main thread is interrupted (Ctrl-C) or a job fails, the jobs not started are
     cancelled and the running ones stopped (_Running.stop), so the error goes up at once;
     the solvers write no files, and no worker outlives the call. The main thread waits in
-    short slices: a signal that lands just before it blocks is seen within POLL seconds."""
+    short slices: a signal that lands just before it blocks is seen within POLL seconds.
+    `quant`: every job's factors quantized (solve_job)."""
     order = sorted(jobs, key=lambda job: job.size, reverse=True)
     out: dict[int, Solved] = {}
     if workers == 1:
         for job in order:
-            out[id(job)] = solve_job(job, method, options)
+            out[id(job)] = solve_job(job, method, options, quant)
             on_done(len(job.members))
         return out
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     pool, running = ThreadPoolExecutor(max_workers=workers), _Running()
     try:
-        futures = {pool.submit(running.call, solve_job, job, method, options): job for job in order}
+        futures = {pool.submit(running.call, solve_job, job, method, options, quant): job for job in order}
         pending = set(futures)
         while pending:
             done, pending = wait(pending, timeout=POLL, return_when=FIRST_COMPLETED)
@@ -141,11 +144,16 @@ class _Running:
                 ctypes.pythonapi.PyThreadState_SetAsyncExc(ctypes.c_ulong(ident), ctypes.py_object(_Stopped))
 
 
-def solve_job(job: Job, method: Method, options: SolverOptions) -> Solved:
+def solve_job(job: Job, method: Method, options: SolverOptions, quant: QuantSpec | None = None) -> Solved:
     """Factorize a job's m linears (one shared left factor when m > 1): per member, its
     compressed replacement and report row. A shared factor's storage and solve time are
-    split evenly over the members, so sums over the report count it once."""
+    split evenly over the members, so sums over the report count it once. With `quant`
+    the factors are quantized (method.quantize), and a job kept dense (ratio 0) becomes
+    its quantized weight (QuantLinear, method.dense_quantizer; docs/quantization.md)."""
     if job.ratio == 0:
+        if quant is not None:
+            return [quantized_dense(block, name, linear, gram, method.dense_quantizer, quant)
+                    for (block, name), linear, gram in zip(job.members, job.linears, job.grams)]
         return [(linear, dense_row(block, name, linear)) for (block, name), linear in zip(job.members, job.linears)]
     weights = [linear.weight.detach().T for linear in job.linears]  # (d1, d2) = (in, out)
     d1, d2 = weights[0].shape
@@ -153,6 +161,8 @@ def solve_job(job: Job, method: Method, options: SolverOptions) -> Solved:
     budget = method.budget(d1, d2, job.ratio, options, members=m)
     start = time.perf_counter()
     factors = method.solve(weights, job.grams, budget, options)
+    if quant is not None:
+        factors = [method.quantize(f, w, g, quant) for f, w, g in zip(factors, weights, job.grams)]
     seconds = time.perf_counter() - start
     modules = method.build(factors, [linear.bias for linear in job.linears], job.linears[0].weight.dtype)
     share = (lambda x: x) if m == 1 else (lambda x: x / m)
@@ -162,6 +172,20 @@ def solve_job(job: Job, method: Method, options: SolverOptions) -> Solved:
         seconds=share(seconds), rank=getattr(budget, "rank", None), atoms=getattr(budget, "atoms", None),
         sparsity=getattr(budget, "sparsity", None), members=m, shared=job.shared))
         for (block, name), module, gram, weight, factor in zip(job.members, modules, job.grams, weights, factors)]
+
+
+def quantized_dense(block: int, name: str, linear: nn.Linear, gram: torch.Tensor, how: str,
+                    quant: QuantSpec) -> tuple[nn.Module, MatrixReport]:
+    """A linear kept at its shape, its weight quantized (`how`: "gptq" or "rtn"): the
+    QuantLinear and its report row (all numbers stored, the quantization's output error)."""
+    weight = linear.weight.detach().T
+    start = time.perf_counter()
+    factors = quantize_dense(weight, gram, quant, how)
+    seconds = time.perf_counter() - start
+    module = QuantLinear.from_factors(factors, linear.bias, linear.weight.dtype)
+    row = dense_row(block, name, linear)
+    row.output_error, row.seconds = output_error(gram, weight, factors.weight()), seconds
+    return module, row
 
 
 def dense_row(block: int, name: str, linear: nn.Linear) -> MatrixReport:

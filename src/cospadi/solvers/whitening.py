@@ -14,7 +14,8 @@ def cholesky_upper(gram: torch.Tensor, jitter: float = 1e-6, max_tries: int = 6)
     diagonal to the diagonal, eps starting at `jitter` and growing 10x per try. Raises
     CospadiError when the matrix is not finite, is zero, or stays singular."""
     g = gram.detach().to(torch.float64)
-    g = 0.5 * (g + g.T)
+    g = g + g.T
+    g.mul_(0.5)  # in place: the bits of 0.5 * (g + g.T) without a third (d, d) copy
     if not torch.isfinite(g).all():
         raise CospadiError("the calibration Gram matrix has non-finite entries: check the model's activations "
                            "(try float32 instead of float16) and the calibration text")
@@ -51,8 +52,11 @@ def output_error(gram: torch.Tensor, weight: torch.Tensor, approx: torch.Tensor)
     """||X (W - W')||_F / ||X W||_F = ||L (W - W')||_F / ||L W||_F, the relative output
     error on the calibration set, from G = X^T X (d1, d1) and W, W' (d1, d2)."""
     g = gram.to(torch.float64)
-    w = weight.to(torch.float64)
-    delta = w - approx.to(torch.float64)
-    num = float(((g @ delta) * delta).sum())
-    den = float(((g @ w) * w).sum())
+    w = weight.to(torch.float64, copy=True)  # becomes W - W' in place below: 2 (d1, d2) copies at a time, not 5
+    product = g @ w
+    den = float(product.mul_(w).sum())
+    del product
+    delta = w.sub_(approx)  # float64 -= float32 widens exactly: the bits of w - approx.to(float64)
+    product = g @ delta
+    num = float(product.mul_(delta).sum())
     return (max(num, 0.0) / den) ** 0.5 if den > 0 else float("nan")

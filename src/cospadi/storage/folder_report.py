@@ -40,6 +40,10 @@ def render_report(model: nn.Module, report: dict, coef_bits: int | None) -> str:
         lines.append(f"- calibration: {calibration.get('samples')} x {calibration.get('seq_len')} tokens")
     values = f", values of S in {coef_bits} bits" if coef_bits else ""
     lines.append(f"- storage: {dtype}{values}; S as a packed bitmask plus each column's values (no index lists)")
+    quantized = sorted({(m.bits, m.group) for _, m in compressed_modules(model) if getattr(m, "bits", None)})
+    if quantized:
+        lines.append("- quantized factors (docs/quantization.md): " + ", ".join(
+            f"int{bits} codes with one bf16 scale per {group} inputs" for bits, group in quantized))
     if dense:
         lines.append(f"- compressed linear weights: {stored / 2**20:.1f} MiB stored vs {dense / 2**20:.1f} MiB dense "
                      f"at {dtype} ({stored / dense:.3f} x dense)")

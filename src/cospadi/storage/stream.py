@@ -41,6 +41,31 @@ _NAMES = {torch.uint64: "U64", torch.int64: "I64", torch.float64: "F64", torch.c
           torch.int16: "I16", torch.float8_e4m3fn: "F8_E4M3", torch.float8_e5m2: "F8_E5M2", torch.int8: "I8",
           torch.uint8: "U8", torch.bool: "BOOL"}
 
+_DTYPES = {name: dtype for dtype, name in _NAMES.items()}
+
+
+def read_tensors(path: str | os.PathLike, names: list[str]) -> dict[str, torch.Tensor]:
+    """The tensors `names` of the safetensors file `path`, each read with plain file reads
+    straight into memory of its own: no memory map, whose pages would count in the
+    resident set beside a copy (twice the embeddings at once). ValueError when the header
+    does not hold a name or its bytes."""
+    out = {}
+    with open(path, "rb") as fh:
+        (length,) = struct.unpack("<Q", fh.read(8))
+        entries = json.loads(fh.read(length))
+        for name in names:
+            entry = entries[name]
+            start, end = entry["data_offsets"]
+            tensor = torch.empty(entry["shape"], dtype=_DTYPES[entry["dtype"]])
+            data = tensor.reshape(-1).view(torch.uint8)
+            if end - start != data.numel():
+                raise ValueError(f"{path} holds {end - start} bytes for {name}, its shape needs {data.numel()}")
+            fh.seek(8 + length + start)
+            if data.numel() and fh.readinto(data.numpy().data) != data.numel():
+                raise ValueError(f"{path} is shorter than its header says")
+            out[name] = tensor
+    return out
+
 
 class BlockStore:
     """The tensors of finished blocks, on disk in `folder` (one safetensors file per
