@@ -13,6 +13,7 @@ from cospadi import cli
 from cospadi.bench.pareto import front, pareto_rows
 from cospadi.errors import CospadiError
 from cospadi.layers.quantized import QuantDictLinear
+from test_cli_export_bench_infer import one_error_line  # the one `error:` line check
 
 SEQ_LEN = 32
 
@@ -21,14 +22,6 @@ def compress_argv(cli_files, out, *extra) -> list[str]:
     return ["compress", "--model", str(cli_files["model"]), "--data", str(cli_files["txt"]), "--calib-samples", "4",
             "--seq-len", str(SEQ_LEN), "--eval-windows", "1", "--allocation", "uniform", "--out", str(out),
             "--quiet", *extra]
-
-
-def one_error_line(code: int, captured) -> str:
-    assert code == 2, captured.err
-    assert "Traceback" not in captured.err
-    lines = [line for line in captured.err.splitlines() if line.startswith("error:")]
-    assert len(lines) == 1, captured.err
-    return lines[0]
 
 
 def test_compress_quant_then_eval_and_export(cli_files, tmp_path, capsys):

@@ -83,6 +83,13 @@ class _QuantStore(CompressedLinear):
         for name, tensor in tensors.items():
             destination[prefix + name] = tensor if keep_vars else tensor.detach()
 
+    def stored_tensors(self) -> dict[str, torch.Tensor]:
+        return self.quant_stored()
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        self._drop_held()
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
     def _drop_held(self) -> None:
         """Forget the dequantized factors (load_state_dict refills the stored form)."""
         for name in self.quantized:
@@ -137,13 +144,6 @@ class QuantLinear(_QuantStore):
         if "matrix" not in self._parameters:
             self.matrix = nn.Parameter(self._dequantized("matrix"))
         return self
-
-    def stored_tensors(self) -> dict[str, torch.Tensor]:
-        return self.quant_stored()
-
-    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
-        self._drop_held()
-        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def dense_weight(self) -> torch.Tensor:
         return self.prepare().matrix.detach().clone()
@@ -201,13 +201,6 @@ class QuantLowRankLinear(_QuantStore, LowRankLinear):
             self.left = nn.Parameter(self._dequantized("left"))
             self.right = nn.Parameter(self._dequantized("right"))
         return self
-
-    def stored_tensors(self) -> dict[str, torch.Tensor]:
-        return self.quant_stored()
-
-    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
-        self._drop_held()
-        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def dense_weight(self) -> torch.Tensor:
         return LowRankLinear.dense_weight(self.prepare())
