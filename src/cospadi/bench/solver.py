@@ -20,8 +20,6 @@ from ..models import load_model
 from ..pipeline import accumulate_grams, capture_block_inputs, run_block
 from ..solvers import PAPER, SolverOptions, output_error, svd_llm
 
-CONFIG_NAMES = ("default", "default-16", "default-40", "sweeps", "mod", "mod-16", "paper", "orthogonal", "single-step")
-
 
 def configs(update: str) -> dict[str, SolverOptions]:
     """Each configuration's options; "default" and its variants use the dictionary update
@@ -36,6 +34,9 @@ def configs(update: str) -> dict[str, SolverOptions]:
             "paper": PAPER,
             "orthogonal": SolverOptions(solver="orthogonal"),
             "single-step": SolverOptions(solver="single-step")}
+
+
+CONFIG_NAMES = tuple(configs(SolverOptions().update))  # every configuration's name, in order
 
 
 def describe_options(o: SolverOptions) -> str:
