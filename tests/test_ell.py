@@ -57,6 +57,31 @@ def test_ell_path_equals_dense_path(kernel, rows, dtype, coef_bits):
     assert rel(ell, dense) < TOLERANCE[dtype]
 
 
+@pytest.mark.parametrize("rows", [1, 3, 17, 40])
+def test_bf16_held_dictionary_in_a_float32_module_gives_the_float32_products(kernel, rows):
+    """A D that is exact at bf16 (a bf16 folder loaded at float32) is held at bf16 by
+    prepare(); both paths still compute in float32, so the outputs match the float32
+    module's up to summation order. An inexact D is left at float32."""
+    f = random_factors(48, 70, 37, 19, seed=6)
+    f = SparseDictFactors(f.dictionary.bfloat16().float(), f.indices, f.values)
+    wide = DictLinear.from_factors(f, torch.randn(70), torch.float32).compact_(14)
+    narrow = DictLinear.from_factors(f, wide.bias.detach(), torch.float32).compact_(14)
+    narrow._narrow_dictionary()
+    assert narrow.dictionary.dtype == torch.bfloat16 and narrow.compute_dtype == torch.float32
+    x = torch.randn(rows, 48)
+    with torch.no_grad():
+        for path in ("sparse", "dense"):
+            wide.path = narrow.path = path
+            got = narrow(x)
+            assert got.dtype == torch.float32 and rel(got, wide(x)) < 1e-6, path
+    assert narrow.dense_weight().dtype == torch.float32 and torch.equal(narrow.dense_weight(), wide.dense_weight())
+    saved = narrow.state_dict()["dictionary"]  # written at the module's dtype
+    assert saved.dtype == torch.float32 and torch.equal(saved, wide.state_dict()["dictionary"])
+    inexact = DictLinear.from_factors(random_factors(8, 9, 6, 3), None, torch.float32)
+    inexact._narrow_dictionary()
+    assert inexact.dictionary.dtype == torch.float32
+
+
 def test_compiled_kernel_and_fallback_agree_on_every_value_and_index_dtype():
     if ell_native.load() is None:
         pytest.skip("no C++ compiler: the compiled kernel is unavailable")
@@ -68,6 +93,14 @@ def test_compiled_kernel_and_fallback_agree_on_every_value_and_index_dtype():
                 compiled = kernels.ell_matmul(z[:rows], values.contiguous(), index.contiguous())
                 reference = kernels.ell_matmul_reference(z[:rows], values, index)
                 assert torch.allclose(compiled, reference, rtol=1e-5, atol=1e-5)
+    x, dictionary = torch.randn(5, 8), torch.randn(8, 64)  # the fused (x D) S at every width of D
+    values, index = f.values.T.contiguous(), f.indices.T.to(torch.int16).contiguous()
+    for width in (torch.float32, torch.bfloat16, torch.float16):
+        d = dictionary.to(width)
+        reference = kernels.ell_matmul_reference(x.double() @ d.double(), values, index).float()
+        for rows in (1, 2, 5):
+            fused = ell_native.load().dict_ell(x[:rows], d, values, index)
+            assert torch.allclose(fused, reference[:rows], rtol=1e-5, atol=1e-5), (width, rows)
 
 
 @pytest.mark.parametrize("atoms,dtype", [(32768, torch.int16), (32769, torch.int32)])
@@ -145,10 +178,17 @@ def test_loaded_model_holds_dictionary_values_and_indices_only(tiny_model, tmp_p
         held = {n: t for n, t in (*m.named_parameters(recurse=False), *m.named_buffers(recurse=False))}
         assert sorted(held) == ["coefs", "dictionary", "rows"]
         assert held["rows"].dtype == torch.int16 and held["coefs"].dtype == torch.bfloat16  # no float32 copy
-        assert held["dictionary"].dtype == (torch.float32 if load_dtype else torch.bfloat16)
+        # a bf16 folder's D is exact at bf16, so a float32 model holds it there too (no float32 duplicate)
+        assert held["dictionary"].dtype == torch.bfloat16
+        assert m.compute_dtype == (torch.float32 if load_dtype else torch.bfloat16)
     ids = torch.randint(0, 300, (2, 12), generator=torch.Generator().manual_seed(3))
     with torch.no_grad():
-        assert torch.equal(loaded(ids).logits, model.to(loaded.dtype)(ids).logits)
+        got, want = loaded(ids).logits, model.to(loaded.dtype)(ids).logits
+    assert got.dtype == want.dtype == loaded.dtype
+    if load_dtype is None:
+        assert torch.equal(got, want)
+    else:  # the same products in float32, summed in another order
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
 
 
 def test_folders_written_from_the_storage_form_load_and_resave_identically(tiny_model, tmp_path):

@@ -76,7 +76,6 @@ def test_choose_path_by_rows_device_autograd_and_dtype():
     assert kernels.choose_path(1, cpu, False) == "sparse"
     assert kernels.choose_path(limit, cpu, False) == "sparse"
     assert kernels.choose_path(limit + 1, cpu, False) == "dense"
-    assert kernels.choose_path(512, cpu, False) == "dense"
     assert kernels.choose_path(1, gpu, False) == "dense"
     assert kernels.choose_path(1, cpu, True) == "dense"
     bf16 = kernels.max_sparse_rows(torch.bfloat16)

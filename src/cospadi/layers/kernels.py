@@ -21,7 +21,7 @@ from . import ell_native
 PATHS = ("auto", "dense", "sparse")
 # input rows (tokens x batch) up to which the CPU takes the ELL path, by compute dtype (others: float32's);
 # bf16's dense GEMM (AVX-512 BF16) overtakes the ELL kernel sooner. Measured: docs/inference.md
-SPARSE_MAX_ROWS = {torch.float32: 32, torch.bfloat16: 16}
+SPARSE_MAX_ROWS = {torch.float32: 4096, torch.bfloat16: 16}
 INT16_MAX_ATOMS = 32768  # rows < 32768 fit int16
 
 
@@ -52,8 +52,9 @@ def scatter_dense(values: torch.Tensor, rows: torch.Tensor, atoms: int, dtype: t
 
 def dense_forward(x: torch.Tensor, dictionary: torch.Tensor, values: torch.Tensor, rows: torch.Tensor,
                   bias: torch.Tensor | None) -> torch.Tensor:
-    """x (n, d1), dictionary (d1, k), values and rows (d2, s). Returns (n, d2) at x's dtype."""
-    return F.linear(x @ dictionary, scatter_dense(values, rows, dictionary.shape[1], x.dtype), bias)
+    """x (n, d1), dictionary (d1, k) (cast to x's dtype for the call when held narrower),
+    values and rows (d2, s). Returns (n, d2) at x's dtype."""
+    return F.linear(x @ dictionary.to(x.dtype), scatter_dense(values, rows, dictionary.shape[1], x.dtype), bias)
 
 
 def ell_matmul_reference(z: torch.Tensor, values: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
@@ -72,14 +73,28 @@ def ell_matmul(z: torch.Tensor, values: torch.Tensor, rows: torch.Tensor) -> tor
     """y = z S with S in ELL form: z (n, k), values and rows (d2, s) -> (n, d2) at z's
     dtype. The compiled kernel on the CPU when it is available (not for float64), the
     pure-PyTorch reference otherwise; they agree up to float rounding."""
-    native = ell_native.load() if z.device.type == "cpu" and torch.float64 not in (z.dtype, values.dtype) else None
+    native = _native(z, values)
     if native is None:
         return ell_matmul_reference(z, values, rows)
-    return native(z, values, rows)
+    return native.ell_matmul(z, values, rows)
+
+
+def _native(*tensors: torch.Tensor):
+    """The compiled operators when they apply to these tensors (CPU, no float64), else None."""
+    if tensors[0].device.type != "cpu" or any(t.dtype == torch.float64 for t in tensors):
+        return None
+    return ell_native.load()
 
 
 def sparse_forward(x: torch.Tensor, dictionary: torch.Tensor, values: torch.Tensor, rows: torch.Tensor,
                    bias: torch.Tensor | None) -> torch.Tensor:
-    """The ELL path: x (n, d1), dictionary (d1, k), values and rows (d2, s). Returns (n, d2)."""
-    y = ell_matmul(x @ dictionary, values, rows)
+    """The ELL path: x (n, d1), dictionary (d1, k) at any float width (a bf16 dictionary in
+    a float32 model is read as it is, products in float32), values and rows (d2, s).
+    Returns (n, d2) at x's dtype: the fused compiled kernel, or x D at x's dtype then
+    ell_matmul."""
+    native = _native(x, dictionary, values)
+    if native is not None:
+        y = native.dict_ell(x, dictionary, values, rows)
+    else:
+        y = ell_matmul_reference(x @ dictionary.to(x.dtype), values, rows)
     return y + bias if bias is not None else y

@@ -112,6 +112,7 @@ class DictLinear(CompressedLinear):
                                                         device=device))
         self.bias = nn.Parameter(torch.zeros(out_features, dtype=dtype, device=device)) if bias else None
         self.path = "auto"
+        self.compute_dtype = dtype  # the module's dtype; `dictionary` may be held narrower (prepare)
 
     @classmethod
     def from_spec(cls, spec: dict, dtype: torch.dtype, coef_bits: int | None) -> DictLinear:
@@ -187,7 +188,17 @@ class DictLinear(CompressedLinear):
             coefs = unpack14(self._buffers["coefs14"], self.out_features * self.sparsity).view(self.out_features,
                                                                                                 self.sparsity)
         self._hold_ell(rows, coefs)
+        self._narrow_dictionary()
         return self
+
+    def _narrow_dictionary(self) -> None:
+        """Hold a float32 D at bf16 when every entry is exact there (a bf16 folder loaded
+        into a float32 model): the products still run in float32 (sparse_forward), so
+        the outputs are unchanged up to summation order, and D takes half the bytes. Done
+        on D's data, so members of a group that share D see one narrowed tensor."""
+        data = self.dictionary.data
+        if data.dtype == torch.float32 and torch.equal(data.to(torch.bfloat16).to(torch.float32), data):
+            self.dictionary.data = data.to(torch.bfloat16)
 
     def compact_(self, coef_bits: int | None) -> DictLinear:
         """Store the values with `coef_bits` (14: truncated to 14 bits, held as bf16 and
@@ -216,6 +227,8 @@ class DictLinear(CompressedLinear):
 
     def _save_to_state_dict(self, destination, prefix, keep_vars):
         super()._save_to_state_dict(destination, prefix, keep_vars)
+        if self.dictionary.dtype != self.compute_dtype:  # held narrower: written at the module's dtype
+            destination[prefix + "dictionary"] = self.dictionary.detach().to(self.compute_dtype)
         if self.prepared:
             for name, tensor in self.storage_tensors().items():
                 destination[prefix + name] = tensor if keep_vars else tensor.detach()
@@ -235,7 +248,7 @@ class DictLinear(CompressedLinear):
     @property
     def values(self) -> torch.Tensor:
         """S's stored values, (s, out) at the module's dtype: column j's values in ascending row order."""
-        return self.prepare().coefs.T.to(self.dictionary.dtype)
+        return self.prepare().coefs.T.to(self.compute_dtype)
 
     @property
     def indices(self) -> torch.Tensor:
@@ -244,12 +257,12 @@ class DictLinear(CompressedLinear):
 
     def coefficients(self) -> torch.Tensor:
         """S as a dense (k, out) tensor."""
-        dense = torch.zeros(self.atoms, self.out_features, dtype=self.dictionary.dtype, device=self.dictionary.device)
+        dense = torch.zeros(self.atoms, self.out_features, dtype=self.compute_dtype, device=self.dictionary.device)
         return dense.scatter(0, self.indices.long(), self.values)
 
     def dense_weight(self) -> torch.Tensor:
         """W = D S, (in, out), multiplied in float32 and cast to the module's dtype."""
-        return (self.dictionary.float() @ self.coefficients().float()).to(self.dictionary.dtype)
+        return (self.dictionary.float() @ self.coefficients().float()).to(self.compute_dtype)
 
     # ------------------------------------------------------------------ compute
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -275,6 +288,7 @@ class DictLinear(CompressedLinear):
     def _apply(self, fn, recurse: bool = True):
         """.to(), .half(), ...: bf16-held 14-bit values move with the module but keep their dtype."""
         held = self._buffers.pop("coefs", None) if self.coef_bits is not None else None
+        self.compute_dtype = fn(torch.empty(0, dtype=self.compute_dtype)).dtype
         result = super()._apply(fn, recurse)
         if held is not None:
             self._buffers["coefs"] = held.to(self.dictionary.device)

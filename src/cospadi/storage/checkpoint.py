@@ -69,6 +69,8 @@ def _cast_saved_tensors(model: torch.nn.Module, dtype: torch.dtype) -> None:
     their dtype, so the converted model and its reload compute alike."""
     with torch.no_grad():
         for module in model.modules():
+            if hasattr(module, "compute_dtype"):  # DictLinear: its dtype, whatever width D is held at
+                module.compute_dtype = dtype
             for param in module.parameters(recurse=False):
                 if param.is_floating_point() and param.dtype != dtype:
                     param.data = param.data.to(dtype)
