@@ -173,19 +173,26 @@ void tile_block_bf16(const uint16_t* zt, const uint16_t* vals, const I* idx, flo
   __m512 acc[Q];
   for (int q = 0; q < Q; ++q) acc[q] = _mm512_setzero_ps();
   const uint16_t* base = zt + c * k * TILE;
-  for (int64_t t = 0; t < s; t += 2) {
-    const bool two = t + 1 < s;
+  int64_t t = 0;
+  for (; t + 2 <= s; t += 2)
     for (int q = 0; q < Q; ++q) {
       const uint16_t* v = vals + (j + q) * s + t;
       const I* ix = idx + (j + q) * s + t;
-      const uint32_t pair = static_cast<uint32_t>(v[0]) | (two ? static_cast<uint32_t>(v[1]) << 16 : 0u);
+      int32_t pair;  // v_t in the low half, v_t+1 in the high half, broadcast straight from memory
+      std::memcpy(&pair, v, sizeof pair);
       const __m256i a = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(base + static_cast<int64_t>(ix[0]) * TILE));
-      const __m256i b = two ? _mm256_loadu_si256(reinterpret_cast<const __m256i*>(base + static_cast<int64_t>(ix[1]) * TILE))
-                            : _mm256_setzero_si256();
+      const __m256i b = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(base + static_cast<int64_t>(ix[1]) * TILE));
       const __m512i ab = _mm512_permutexvar_epi16(interleave, _mm512_inserti64x4(_mm512_castsi256_si512(a), b, 1));
-      acc[q] = _mm512_dpbf16_ps(acc[q], (__m512bh)_mm512_set1_epi32(static_cast<int>(pair)), (__m512bh)ab);
+      acc[q] = _mm512_dpbf16_ps(acc[q], (__m512bh)_mm512_set1_epi32(pair), (__m512bh)ab);
     }
-  }
+  if (t < s)  // odd s: the last entry pairs with a zero
+    for (int q = 0; q < Q; ++q) {
+      const int32_t single = vals[(j + q) * s + t];
+      const __m256i a = _mm256_loadu_si256(
+          reinterpret_cast<const __m256i*>(base + static_cast<int64_t>(idx[(j + q) * s + t]) * TILE));
+      const __m512i ab = _mm512_permutexvar_epi16(interleave, _mm512_zextsi256_si512(a));  // upper half zero
+      acc[q] = _mm512_dpbf16_ps(acc[q], (__m512bh)_mm512_set1_epi32(single), (__m512bh)ab);
+    }
   const int64_t rows = std::min(TILE, n - c * TILE);
   alignas(64) float out[Q][TILE];
   for (int q = 0; q < Q; ++q) _mm512_store_ps(out[q], acc[q]);

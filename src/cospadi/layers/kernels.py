@@ -21,7 +21,7 @@ from . import ell_native
 PATHS = ("auto", "dense", "sparse")
 # input rows (tokens x batch) up to which the CPU takes the ELL path, by compute dtype (others: float32's);
 # bf16's dense GEMM (AVX-512 BF16) overtakes the ELL kernel sooner. Measured: docs/inference.md
-SPARSE_MAX_ROWS = {torch.float32: 4096, torch.bfloat16: 16}
+SPARSE_MAX_ROWS = {torch.float32: 4096, torch.bfloat16: 64}
 INT16_MAX_ATOMS = 32768  # rows < 32768 fit int16
 
 
