@@ -10,7 +10,7 @@ import pytest
 
 import cospadi
 from cospadi import cli
-from cospadi.bench.pareto import front, pareto_rows
+from cospadi.bench.pareto import front, front_gap, pareto_rows
 from cospadi.errors import CospadiError
 from cospadi.layers.quantized import QuantDictLinear
 from test_cli_export_bench_infer import one_error_line  # the one `error:` line check
@@ -106,3 +106,6 @@ def test_pareto_front_by_brute_force():
     rows = pareto_rows(cells)
     assert [r["method"] for r in rows] == ["a", "b", "dense (bf16)"]
     assert rows[1]["linear MiB"] * 2**20 == pytest.approx(60.0) and rows[1]["Pareto front"] == ""
+    assert rows[1]["ppl to join the front"] == "< 3 (-25%)" and rows[0]["ppl to join the front"] == ""
+    # the gap is the best perplexity among the points no larger: brute force on the points above
+    assert front_gap(points) == [None, None, 5.0, 5.0, None, None]

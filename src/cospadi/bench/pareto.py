@@ -71,22 +71,36 @@ def front(points: list[tuple[float, float]]) -> list[bool]:
     return flags
 
 
+def front_gap(points: list[tuple[float, float]]) -> list[float | None]:
+    """For each (bytes, perplexity) point off the Pareto front, the perplexity it would
+    have to get below to join it: the best perplexity of the other points no larger than
+    it. None for a point on the front (or with a non-finite perplexity)."""
+    gaps: list[float | None] = []
+    for on, (i, (b, p)) in zip(front(points), enumerate(points)):
+        smaller = [p2 for j, (b2, p2) in enumerate(points) if j != i and b2 <= b and math.isfinite(p2)]
+        gaps.append(min(smaller) if not on and math.isfinite(p) and smaller else None)
+    return gaps
+
+
 def pareto_rows(cells: list[dict]) -> list[dict]:
     """Table rows, smallest first: method, ratio, quantization, MiB of the linear
-    weights, bytes and perplexity relative to dense bf16, token perplexity, and whether
-    the cell is on the Pareto front. Cells without bytes are left out."""
+    weights, bytes and perplexity relative to dense bf16, token perplexity, whether the
+    cell is on the Pareto front and, when it is not, the perplexity it would need to join
+    it (front_gap) and how far that is from its own. Cells without bytes are left out."""
     dense = cells[0]
     known = [(c, cell_bytes(c, dense)) for c in cells]
     known = [(c, b) for c, b in known if b is not None]
-    flags = front([(b, c["token_ppl"]) for c, b in known])
+    points = [(b, c["token_ppl"]) for c, b in known]
+    flags, gaps = front(points), front_gap(points)
     rows = []
-    for (cell, size), on in sorted(zip(known, flags), key=lambda item: item[0][1]):
+    for (cell, size), on, gap in sorted(zip(known, flags, gaps), key=lambda item: item[0][1]):
         dense_bytes = cell_bytes(dense, dense) or float("nan")
         rows.append({"method": "dense (bf16)" if cell is dense else cell["method"],
                      "ratio": f"{cell['ratio']:g}", "quant": cell.get("quant", "none"),
                      "linear MiB": size / 2**20, "x dense bytes": size / dense_bytes,
                      "token ppl": cell["token_ppl"], "x dense ppl": cell["token_ppl"] / dense["token_ppl"],
-                     "Pareto front": "yes" if on else ""})
+                     "Pareto front": "yes" if on else "",
+                     "ppl to join the front": "" if gap is None else f"< {gap:.4g} ({gap / cell['token_ppl'] - 1:+.0%})"})
     return rows
 
 
