@@ -106,6 +106,6 @@ def test_pareto_front_by_brute_force():
     rows = pareto_rows(cells)
     assert [r["method"] for r in rows] == ["a", "b", "dense (bf16)"]
     assert rows[1]["linear MiB"] * 2**20 == pytest.approx(60.0) and rows[1]["Pareto front"] == ""
-    assert rows[1]["ppl to join the front"] == "< 3 (-25%)" and rows[0]["ppl to join the front"] == ""
+    assert rows[1]["ppl to join the front"] == "< 3 (-25.0%)" and rows[0]["ppl to join the front"] == ""
     # the gap is the best perplexity among the points no larger: brute force on the points above
     assert front_gap(points) == [None, None, 5.0, 5.0, None, None]

@@ -100,7 +100,7 @@ def pareto_rows(cells: list[dict]) -> list[dict]:
                      "linear MiB": size / 2**20, "x dense bytes": size / dense_bytes,
                      "token ppl": cell["token_ppl"], "x dense ppl": cell["token_ppl"] / dense["token_ppl"],
                      "Pareto front": "yes" if on else "",
-                     "ppl to join the front": "" if gap is None else f"< {gap:.4g} ({gap / cell['token_ppl'] - 1:+.0%})"})
+                     "ppl to join the front": "" if gap is None else f"< {gap:.4g} ({gap / cell['token_ppl'] - 1:+.1%})"})
     return rows
 
 
