@@ -224,3 +224,83 @@ def test_chunked_perplexity_equals_the_full_logits_value(family, tiny_model, mon
     expected = full_logits_perplexity(model, windows)
     monkeypatch.setattr(perplexity_module, "LOGIT_BYTES", 4 * 1000 * 5)  # 5 positions at a time
     assert perplexity(model, windows, batch_size=2, progress=False) == pytest.approx(expected, rel=1e-6)
+
+
+def textbook_upper(gram: torch.Tensor, jitter: float = 1e-6, tries: int = 6) -> torch.Tensor:
+    """cholesky_upper as first written (before its memory savings): symmetrise, factor,
+    else a growing ridge times an identity matrix."""
+    g = gram.double()
+    g = 0.5 * (g + g.T)
+    factor, info = torch.linalg.cholesky_ex(g)
+    if int(info) == 0:
+        return factor.T.contiguous()
+    shift, eps, eye = max(0.0, -float(torch.linalg.eigvalsh(g)[0])), jitter, torch.eye(g.shape[0], dtype=g.dtype)
+    for _ in range(tries):
+        factor, info = torch.linalg.cholesky_ex(g + (shift + eps * float(torch.diagonal(g).mean())) * eye)
+        if int(info) == 0:
+            return factor.T.contiguous()
+        eps *= 10.0
+    raise AssertionError("singular")
+
+
+@pytest.mark.parametrize("tokens, skew", [(300, 0.0), (60, 0.0), (60, 1e-9)])  # regular; singular; not symmetric
+def test_in_place_whitening_keeps_the_bits(tokens, skew):
+    """The factor made in place, and svd_llm dropping and refactoring it, give the bits of
+    the textbook code: a regular Gram, a singular one (the ridge path), and one that is not
+    bit-symmetric (float32 and float64)."""
+    from cospadi.budget import LowRankBudget
+    from cospadi.solvers import cholesky_upper, svd_llm
+
+    torch.manual_seed(0)
+    x = torch.randn(tokens, 96)
+    x[:, 5] = 0.0  # a dead input: exact zeros in the Gram
+    gram = (x.T @ x).double() + skew * torch.randn(96, 96, dtype=torch.float64)
+    weight = torch.randn(96, 40)
+    for g in (gram, gram.float()):
+        upper = textbook_upper(g)
+        assert torch.equal(cholesky_upper(g), upper) and torch.equal(cholesky_upper(g).signbit(), upper.signbit())
+        u, sigma, vh = torch.linalg.svd(upper @ weight.double(), full_matrices=False)
+        root = sigma[:12].sqrt()
+        factors = svd_llm(weight, g, LowRankBudget(96, 40, 12))
+        assert torch.equal(factors.left, torch.linalg.solve_triangular(upper, u[:, :12] * root, upper=True))
+        assert torch.equal(factors.right, root[:, None] * vh[:12])
+
+
+def test_grams_widen_in_place_with_the_bits_of_a_float64_sum():
+    from cospadi.pipeline.calibrate import add_widened
+
+    torch.manual_seed(0)
+    gram, product = torch.randn(300, 300, dtype=torch.float64), torch.randn(300, 300)
+    product[0, 0] = -0.0
+    expected, got = gram + product.double(), gram.clone()
+    add_widened(got, product, rows=64)
+    assert torch.equal(got, expected) and torch.equal(got.signbit(), expected.signbit())
+
+
+def test_each_solved_job_frees_its_gram_and_dense_weights(tiny_llama, tiny_ids, monkeypatch):
+    """One worker solves the smallest jobs first, swaps each job's modules into its block
+    at once, and drops its Grams and dense weights (the caller's dict no longer holds
+    them): after the solve nothing keeps them alive."""
+    import weakref
+
+    from cospadi.adapters import adapter_for, decoder_layers
+    from cospadi.methods import get_method
+    from cospadi.pipeline import solve
+    from cospadi.pipeline.calibrate import accumulate_grams
+    from cospadi.pipeline.capture import capture_block_inputs
+
+    model = tiny_llama(1)
+    layers, adapter = decoder_layers(model), adapter_for(model)
+    states, kwargs = capture_block_inputs(model, layers, tiny_ids, 3)
+    grams = {0: accumulate_grams(layers[0], adapter, states, kwargs[0])}
+    jobs = solve.plan_jobs(layers, [0], adapter, grams, {(0, name): 0.3 for name in adapter.targets})
+    assert grams == {0: {}}
+    held = [weakref.ref(t) for job in jobs for t in job.grams + [linear.weight for linear in job.linears]]
+    sizes, real = [], solve.solve_job
+    monkeypatch.setattr(solve, "solve_job", lambda job, *args: sizes.append(job.size) or real(job, *args))
+    solved = solve.solve_jobs(jobs, get_method("svd-llm"), SolverOptions(), 1, lambda n: None)
+    assert all(ref() is None for ref in held)
+    assert sizes == sorted(sizes) and sizes[0] < sizes[-1]
+    for job in jobs:
+        module = solved[id(job)][0][0]
+        assert layers[0].get_submodule(job.members[0][1]) is module and job.grams == [] and job.linears == []

@@ -1,6 +1,6 @@
 """The memory estimate printed before a compress run (memory_estimate.py): block by block
 it does not grow with depth, loaded whole it grows by every block, and it matches the
-peak RSS measured on the issue-18 model (docs/scale.md) within 15%."""
+peak RSS measured on the issue-18 model (docs/scale.md) from above, within 20%."""
 
 import pytest
 import torch
@@ -40,7 +40,7 @@ def test_the_peak_phase_and_its_parts():
     loop = estimate_memory(model, 8, 512, 4, 1, 1, True, CPU).host
     assert loop["runtime"] == RUNTIME and "outside the blocks" not in loop  # released during the block loop
     assert loop["Grams"] == 8 * (3 * 2048**2 + 5632**2)
-    assert loop["solvers"] == 8 * (2 * 5632**2 + 6 * 5632 * 2048)
+    assert loop["solvers"] == 8 * 5 * 5632 * 2048  # more than one 5632^2 matrix (the in-place Cholesky)
     assert loop["hidden states"] == (8 + 4) * 512 * 2048 * 4  # one copy, plus one batch of outputs
     grouped = estimate_memory(model, 8, 512, 4, 2, 1, True, CPU).host
     assert grouped["Grams"] == 2 * loop["Grams"] and grouped["hidden states"] == (16 + 4) * 512 * 2048 * 4
@@ -51,12 +51,15 @@ def test_the_peak_phase_and_its_parts():
     assert set(device.device) == {"one group of blocks", "hidden states", "Grams", "solvers"}
 
 
-# (blocks, calibration windows, measured peak RSS in bytes: VmHWM / /usr/bin/time's maximum resident set size)
-# of `compress --lazy --method svd-llm --ratio 0.3 --batch-size 4` on make_random_llama.py's 2048-wide Llama
-MEASURED = [(2, 8, 2_371_732 * 1024), (24, 8, 2_374_724 * 1024)]  # the 24-block one: VmHWM after block 1 of 24
+# (blocks, calibration windows, measured peak RSS in bytes: /usr/bin/time's maximum resident set size) of
+# `compress --lazy --method svd-llm --ratio 0.3 --batch-size 4` on make_random_llama.py's 2048-wide Llama
+# (benchmarks/measure_lazy_memory.py; docs/scale.md)
+MEASURED = [(2, 8, 1_395_244 * 1024)]
 
 
 @pytest.mark.parametrize("layers, samples, peak", MEASURED)
-def test_the_estimate_is_within_15_percent_of_the_measured_peak(layers, samples, peak):
+def test_the_estimate_errs_high_by_at_most_20_percent(layers, samples, peak):
+    """It counts every block and Gram of the group through the solve, which one worker
+    releases job by job (memory_estimate.py): never below the measured peak, not far above."""
     estimate = total(estimate_memory(skeleton(layers), samples, 512, 4, 1, 1, True, CPU))
-    assert abs(estimate - peak) < 0.15 * peak, (estimate / MiB, peak / MiB)
+    assert peak <= estimate < 1.2 * peak, (estimate / MiB, peak / MiB)

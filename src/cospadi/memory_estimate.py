@@ -12,14 +12,19 @@ The parts (bytes):
 - the group's float64 Grams;
 - the larger of the block forward (one batch's MLP activations and attention scores in
   float32, plus the float32 product of the widest Gram) and the solvers' work space,
-  per worker: 2 float64 (d1, d1) matrices of the widest input (the symmetrised Gram and
-  its Cholesky factor) and 6 float64 copies of the largest matrix (svd-llm: the weight,
-  the whitened matrix, the SVD's copy, U, Vh and LAPACK's work space).
+  per worker: the larger of one float64 (d1, d1) matrix of the widest input (the
+  symmetrised Gram, factored in place) and 5 float64 copies of the largest matrix
+  (svd-llm: the whitened matrix, the SVD's copy, U and Vh, LAPACK's work space; the
+  Cholesky factor is dropped during the SVD, solvers/lowrank.py).
+
+All of the group's blocks and Grams are counted through the solve, although one worker
+releases each job's weights and Grams once it is solved, smallest jobs first
+(pipeline/solve.py): the estimate errs high.
 
 Block by block, the embeddings and head are released after the capture pass and read
 again for the save (pipeline/lazy.py), so the host peak is the largest of three phases:
 the capture (outside + hidden states), the block loop (one group and its work) and the
-save (outside + one tensor). Measured peaks were within 15% of the estimate
+save (outside + one tensor). The measured peak was at most 20% below the estimate
 (docs/scale.md, tests/test_memory_estimate.py)."""
 from __future__ import annotations
 
@@ -81,7 +86,7 @@ def _work(model: PreTrainedModel, samples: int, seq_len: int, batch_size: int, g
     itemsize = next(model.parameters()).element_size()
     largest = max(d1 * d2 for d1, d2 in shapes.values())
     forward = batch_size * seq_len * (4 * inner + heads * seq_len) * 4 + 4 * max(widths) ** 2
-    solvers = workers * 8 * (2 * max(d1 for d1, _ in shapes.values()) ** 2 + 6 * largest)
+    solvers = workers * 8 * max(max(d1 for d1, _ in shapes.values()) ** 2, 5 * largest)
     return {
         "hidden states": ((2 if group > 1 else 1) * samples + batch_size) * seq_len * hidden * itemsize,
         "Grams": group * sum(8 * w * w for w in widths),

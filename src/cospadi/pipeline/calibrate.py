@@ -12,6 +12,16 @@ from ..adapters import Adapter
 from .capture import BlockKwargs, run_block
 
 Fold = Callable[[dict[tuple[str, ...], list[torch.Tensor]]], dict[tuple[str, ...], torch.Tensor]]
+ROWS = 256  # rows of a Gram widened at a time (add_widened)
+
+
+def add_widened(gram: torch.Tensor, product: torch.Tensor, rows: int = ROWS) -> None:
+    """gram += product in place, gram float64 and product float32 (d, d): the bits of
+    gram + product.double() (float32 -> float64 is exact, the sum is one rounding), but
+    `rows` rows at a time: torch's mixed-dtype add_ widens the whole of `product` into a
+    (d, d) float64 temporary first (254 MB at d = 5632)."""
+    for start in range(0, gram.shape[0], rows):
+        gram[start:start + rows].add_(product[start:start + rows])
 
 
 @torch.no_grad()
@@ -40,8 +50,8 @@ def calibrate_block(layer: nn.Module, adapter: Adapter, states: list[torch.Tenso
             product = x.T @ x
             if fold is not None:
                 products[group].append(product.double())
-            elif group in grams:  # in place: float64 += float32 widens each entry exactly, so the bits of
-                grams[group].add_(product)  # gram + product.double(), without two more (d1, d1) float64 copies
+            elif group in grams:
+                add_widened(grams[group], product)
             else:
                 grams[group] = product.double()
         return hook

@@ -8,8 +8,8 @@ import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
-from dataclasses import dataclass
-from typing import Any
+from dataclasses import dataclass, field
+from typing import Any, cast
 
 import torch
 from torch import nn
@@ -29,12 +29,19 @@ POLL = 0.2  # seconds the main thread waits for a job at a time (solve_jobs)
 @dataclass
 class Job:
     """Linears solved together: one (per layer), or the same projection of every block of a
-    group sharing one left factor. members[j] = (block index, linear name)."""
+    group sharing one left factor. members[j] = (block index, linear name); homes[j]: the
+    block module holding member j (release swaps the solved modules into it; none: no swap).
+    size: the job's weight count, fixed when planned."""
 
     members: list[tuple[int, str]]
     linears: list[nn.Linear]
     grams: list[torch.Tensor]
     ratio: float
+    homes: list[nn.Module] = field(default_factory=list)
+    size: int = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.size = sum(linear.weight.numel() for linear in self.linears)
 
     @property
     def shared(self) -> str | None:
@@ -43,9 +50,13 @@ class Job:
             return None
         return f"blocks {self.members[0][0]}-{self.members[-1][0]} {self.members[0][1]}"
 
-    @property
-    def size(self) -> int:
-        return sum(linear.weight.numel() for linear in self.linears)
+    def release(self, solved: Solved) -> None:
+        """Swap the solved modules into their blocks (homes) and drop the job's dense
+        linears and Grams: a replaced linear's weight and a Gram no other job holds are
+        freed now rather than with the whole group (solve_jobs)."""
+        for home, (_, name), (module, _) in zip(self.homes, self.members, solved):
+            home.set_submodule(name, module)
+        self.linears, self.grams = [], []
 
 
 Solved = list[tuple[nn.Module, MatrixReport]]  # per member of a job: its module (compressed, or kept dense) and row
@@ -60,32 +71,41 @@ def job_members(blocks: list[int], name: str, adapter: Adapter) -> list[list[int
 def plan_jobs(layers: nn.ModuleList, blocks: list[int], adapter: Adapter, grams: Grams, ratios: RatioMap) -> list[Job]:
     """The jobs of a group of blocks, in the adapter's order: one job per shared projection
     kind over all the blocks (when there are several), one per private linear; each at
-    its ratio from `ratios` (one ratio per shared job)."""
+    its ratio from `ratios` (one ratio per shared job). The Grams move into the jobs:
+    `grams` is left empty, so that each is freed once its last job is solved (Job.release)."""
     jobs = []
     for group in adapter.groups:
         for name in group:
             for members in job_members(blocks, name, adapter):
                 keys = [(i, name) for i in members]
-                jobs.append(Job(keys, [layers[i].get_submodule(name) for i in members],
-                                [grams[i][group] for i in members], shared_ratio(keys, ratios)))
+                jobs.append(Job(keys, [cast(nn.Linear, layers[i].get_submodule(name)) for i in members],
+                                [grams[i][group] for i in members], shared_ratio(keys, ratios),
+                                [layers[i] for i in members]))
+    for i in blocks:
+        grams[i].clear()
     return jobs
 
 
 def solve_jobs(jobs: list[Job], method: Method, options: SolverOptions, workers: int,
                on_done: Callable[[int], object], quant: QuantSpec | None = None) -> dict[int, Solved]:
-    """Solve every job, largest first, on `workers` threads with torch set to one thread
-    each meanwhile (the solvers' many small operations use cores better side by side);
-    id(job) -> its Solved. on_done(count) is called with each finished job's member count.
+    """Solve every job on `workers` threads with torch set to one thread each meanwhile
+    (the solvers' many small operations use cores better side by side); id(job) -> its
+    Solved. Each finished job is released (Job.release: its modules swapped into their
+    blocks, its dense weights and Grams dropped). One worker takes the smallest jobs first,
+    so the largest solves' work space comes when the least is held (peak memory); several
+    take the largest first (the last to finish are short). on_done(count) is called with
+    each finished job's member count.
     When the main thread is interrupted (Ctrl-C) or a job fails, the jobs not started are
     cancelled and the running ones stopped (_Running.stop), so the error goes up at once;
     the solvers write no files, and no worker outlives the call. The main thread waits in
     short slices: a signal that lands just before it blocks is seen within POLL seconds.
     `quant`: every job's factors quantized (solve_job)."""
-    order = sorted(jobs, key=lambda job: job.size, reverse=True)
+    order = sorted(jobs, key=lambda job: job.size, reverse=workers > 1)
     out: dict[int, Solved] = {}
     if workers == 1:
         for job in order:
             out[id(job)] = solve_job(job, method, options, quant)
+            job.release(out[id(job)])
             on_done(len(job.members))
         return out
     threads = torch.get_num_threads()
@@ -99,6 +119,7 @@ def solve_jobs(jobs: list[Job], method: Method, options: SolverOptions, workers:
             for future in done:
                 job = futures[future]
                 out[id(job)] = future.result()
+                job.release(out[id(job)])
                 on_done(len(job.members))
         return out
     except BaseException:

@@ -5,7 +5,7 @@ import torch
 
 from ..budget import LowRankBudget
 from .factors import LowRankFactors
-from .whitening import cholesky_upper, unwhiten, whiten
+from .whitening import refactor, unwhiten, whiten, whitening_factor
 
 
 def _split(u: torch.Tensor, sigma: torch.Tensor, vh: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -23,8 +23,14 @@ def svd(weight: torch.Tensor, gram: torch.Tensor | None, budget: LowRankBudget) 
 
 def svd_llm(weight: torch.Tensor, gram: torch.Tensor, budget: LowRankBudget) -> LowRankFactors:
     """Rank-r minimiser of ||X (W - A B)||_F given G = X^T X (d1, d1): SVD of L W,
-    keep r, unwhiten the left factor with a triangular solve. Float64 factors."""
-    upper = cholesky_upper(gram)
-    u, sigma, vh = torch.linalg.svd(whiten(upper, weight), full_matrices=False)
+    keep r, unwhiten the left factor with a triangular solve. Float64 factors. L is
+    dropped during the SVD and factored again for the solve (refactor: the same bits, one
+    more Cholesky), so that L (d1, d1) and the SVD's buffers are never held together."""
+    upper, ridge = whitening_factor(gram)
+    whitened = whiten(upper, weight)
+    del upper
+    u, sigma, vh = torch.linalg.svd(whitened, full_matrices=False)
+    del whitened
     left, right = _split(u, sigma, vh, budget.rank)
-    return LowRankFactors(unwhiten(upper, left), right)
+    del u, sigma, vh
+    return LowRankFactors(unwhiten(refactor(gram, ridge), left), right)
