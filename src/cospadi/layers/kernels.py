@@ -2,14 +2,15 @@
 
 S (k, d2) has exactly s nonzeros per column, so it is held in ELL form: `values` and
 `rows`, both (d2, s), column j of S holding values[j, t] at row rows[j, t] (int16 when
-k <= 32768, else int32; values at the module's dtype, or bf16 for 14-bit values).
+k <= 32768, else int32; values at the module's dtype, or bf16 for 14-bit values). D may be
+held narrower than the module's dtype (bf16 in a float32 model when exact there).
 
-* sparse (ELL): z = x D, one dense product, then y[:, j] = sum_t values[j, t] z[:, rows[j, t]]
-  (ell_matmul: the compiled kernel of ell_native.py, or a pure-PyTorch gather). Reads D
-  and the s entries of each column once, at their stored widths; no float32 copy.
-  Best for a few rows (decoding) on the CPU.
+* sparse (ELL): one compiled operator (ell_native.dict_ell) forms z = x D in float32,
+  reading D at its stored width, then y[:, j] = sum_t values[j, t] z[:, rows[j, t]]; the
+  pure-PyTorch fallback does x @ D at x's dtype, then the same gather. No float32 copy of
+  D or of the values is held. On the CPU for up to max_sparse_rows(dtype) rows.
 * dense: S^T is scattered into a (d2, k) buffer at the compute dtype for the call, then
-  a GEMM. For long inputs (prefill), GPUs and autograd.
+  two GEMMs. For long bf16 inputs, GPUs and autograd.
 Both give the same result up to float rounding (docs/inference.md)."""
 from __future__ import annotations
 
