@@ -14,6 +14,8 @@ held narrower than the module's dtype (bf16 in a float32 model when exact there)
 Both give the same result up to float rounding (docs/inference.md)."""
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 import torch.nn.functional as F
 
@@ -80,7 +82,7 @@ def ell_matmul(z: torch.Tensor, values: torch.Tensor, rows: torch.Tensor) -> tor
     return native.ell_matmul(z, values, rows)
 
 
-def _native(*tensors: torch.Tensor):
+def _native(*tensors: torch.Tensor) -> Any:
     """The compiled operators when they apply to these tensors (CPU, no float64), else None."""
     if tensors[0].device.type != "cpu" or any(t.dtype == torch.float64 for t in tensors):
         return None
