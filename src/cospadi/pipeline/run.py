@@ -223,11 +223,9 @@ def _compress_group(run: _Run, blocks: list[int], bar: tqdm) -> None:
                                                fold=run.ranks.fold if run.ranks is not None else None)
         jobs = plan_jobs(layers, blocks, run.adapter, grams, run.ratios)
         bar.set_postfix_str(f"{where}: solving")
-        solved = _solve(run, jobs, bar)
-        for job in jobs:  # swap in the adapter's order, deterministically
-            for (i, name), (module, row) in zip(job.members, solved[id(job)]):
-                layers[i].set_submodule(name, module)
-                run.report.matrices.append(row)
+        solved = _solve(run, jobs, bar)  # every job released: its modules are in their blocks
+        for job in jobs:  # the report's rows in the adapter's order, deterministically
+            run.report.matrices.extend(row for _, row in solved[id(job)])
         del grams, jobs, solved, inputs
         for i in blocks:
             propagate(layers[i], run.states, run.block_kwargs[i])
@@ -235,7 +233,9 @@ def _compress_group(run: _Run, blocks: list[int], bar: tqdm) -> None:
 
 def _solve(run: _Run, jobs: list[Job], bar: tqdm) -> dict[int, Solved]:
     """solve_jobs on one process; on several ranks, each solves the jobs distributed.py
-    assigns it and every job's result is shared with all (on the CPU, then back)."""
+    assigns it and every job's result is shared with all (on the CPU, then back). Every
+    job comes back released (Job.release): the ones solved here by solve_jobs, the others
+    once their result arrives."""
     if run.ranks is None:
         return solve_jobs(jobs, run.method, run.recipe.options, run.workers, bar.update, run.recipe.quant)
     owners = run.ranks.assign([job.size for job in jobs])
@@ -244,7 +244,11 @@ def _solve(run: _Run, jobs: list[Job], bar: tqdm) -> dict[int, Solved]:
     home = torch.device("cpu")
     results = run.ranks.share([_moved(mine[id(job)], home) if id(job) in mine else None for job in jobs], owners)
     bar.update(sum(len(job.members) for job, owner in zip(jobs, owners) if owner != run.ranks.rank))
-    return {id(job): _moved(result, run.target) for job, result in zip(jobs, results)}
+    solved = {id(job): _moved(result, run.target) for job, result in zip(jobs, results)}
+    for job, owner in zip(jobs, owners):
+        if owner != run.ranks.rank:
+            job.release(solved[id(job)])
+    return solved
 
 
 def _moved(solved: Solved, device: torch.device) -> Solved:

@@ -30,14 +30,14 @@ POLL = 0.2  # seconds the main thread waits for a job at a time (solve_jobs)
 class Job:
     """Linears solved together: one (per layer), or the same projection of every block of a
     group sharing one left factor. members[j] = (block index, linear name); homes[j]: the
-    block module holding member j (release swaps the solved modules into it; none: no swap).
-    size: the job's weight count, fixed when planned."""
+    block module holding member j (release swaps the solved module into it). size: the
+    job's weight count, fixed when planned."""
 
     members: list[tuple[int, str]]
     linears: list[nn.Linear]
     grams: list[torch.Tensor]
     ratio: float
-    homes: list[nn.Module] = field(default_factory=list)
+    homes: list[nn.Module]
     size: int = field(init=False)
 
     def __post_init__(self) -> None:
