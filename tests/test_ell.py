@@ -86,11 +86,11 @@ def test_compiled_kernel_and_fallback_agree_on_every_value_and_index_dtype():
     if ell_native.load() is None:
         pytest.skip("no C++ compiler: the compiled kernel is unavailable")
     f = random_factors(8, 300, 64, 33, seed=4)
-    z = torch.randn(5, 64)
+    z, identity = torch.randn(5, 64), torch.eye(64)  # x I = x exactly: the ELL product alone
     for values in (f.values.T.float(), f.values.T.bfloat16(), f.values.T.half()):
         for index in (f.indices.T.to(torch.int16), f.indices.T.to(torch.int32)):
             for rows in (1, 5):
-                compiled = kernels.ell_matmul(z[:rows], values.contiguous(), index.contiguous())
+                compiled = ell_native.load().dict_ell(z[:rows], identity, values.contiguous(), index.contiguous())
                 reference = kernels.ell_matmul_reference(z[:rows], values, index)
                 assert torch.allclose(compiled, reference, rtol=1e-5, atol=1e-5)
     x, dictionary = torch.randn(5, 8), torch.randn(8, 64)  # the fused (x D) S at every width of D

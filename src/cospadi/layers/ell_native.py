@@ -1,23 +1,24 @@
-"""The compiled ELL kernels: `y = z S` for S in ELL form (values and row indices (d2, s)),
-and the fused `y = (x D) S`; small C++ torch operators built on first use with the
+"""The compiled ELL kernel: y = (x D) S for S in ELL form (values and row indices (d2, s)),
+a small C++ torch operator, torch.ops.cospadi_ell.dict_ell, built on first use with the
 system C++ compiler and cached.
 
-    y[r, j] = sum_t values[j, t] * z[r, rows[j, t]]        z (n, k), y (n, d2)
-    dict_ell: z = x D formed in float32 inside, D read at its stored width (bf16 D in a
-    float32 model is never copied to float32)
+    z = x D                                                   x (n, d1), D (d1, k)
+    y[r, j] = sum_t values[j, t] * z[r, rows[j, t]]        y (n, d2)
 
+z is formed in float32 inside for up to GEMM_ROWS rows, reading D at its stored width (a
+bf16 D in a float32 model is never copied to float32); longer inputs use torch's GEMM.
 Values may be float32, bfloat16 or float16 and rows int16 or int32; sums run in float32
-and y comes back at z's dtype. One row (decoding) gathers z by the indices; several rows
+and y comes back at x's dtype. One row (decoding) gathers z by the indices; several rows
 are processed 16 at a time from a transposed copy of z, so each stored entry feeds a
-16-wide multiply-add without a gather. Threads: torch's own (at::parallel_for over the
-columns of y).
+16-wide multiply-add without a gather (bf16 dot products for a bf16 model where the CPU
+has AVX-512 BF16). Threads: torch's own (at::parallel_for over the columns of y).
 
-`load()` returns the operator, or None when there is no compiler, the build fails, or
-COSPADI_NATIVE=0; kernels.ell_matmul then runs its pure-PyTorch fallback (same results
-up to float rounding: the order of the additions differs). The shared library is built
-once per source, torch version and CPU (`-march=native`), into cospadi's cache
-(`$COSPADI_CACHE/kernels`, or ~/.cache/cospadi/kernels), written under a temporary name
-and renamed, so concurrent processes never load a half-written file."""
+`load()` returns the operator namespace, or None when there is no compiler, the build
+fails, or COSPADI_NATIVE=0; kernels.sparse_forward then runs its pure-PyTorch fallback
+(same results up to float rounding: the order of the additions differs). The shared
+library is built once per source, torch version and CPU (`-march=native`), into cospadi's
+cache (`$COSPADI_CACHE/kernels`, or ~/.cache/cospadi/kernels), written under a temporary
+name and renamed, so concurrent processes never load a half-written file."""
 from __future__ import annotations
 
 import hashlib
@@ -247,11 +248,11 @@ at::Tensor ell_float(const at::Tensor& zf, const at::Tensor& values, const at::T
   auto idx = rows.contiguous();
   auto out = at::empty({zf.size(0), vals.size(0)}, zf.options());
   if (zf.size(0) == 0 || vals.size(0) == 0) return out;
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, vals.scalar_type(), "ell_matmul", [&] {
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, vals.scalar_type(), "dict_ell", [&] {
     if (idx.scalar_type() == at::kShort) {
       run<scalar_t, int16_t>(zf, vals, idx, out);
     } else {
-      TORCH_CHECK(idx.scalar_type() == at::kInt, "ell_matmul: rows must be int16 or int32");
+      TORCH_CHECK(idx.scalar_type() == at::kInt, "dict_ell: rows must be int16 or int32");
       run<scalar_t, int32_t>(zf, vals, idx, out);
     }
   });
@@ -259,8 +260,8 @@ at::Tensor ell_float(const at::Tensor& zf, const at::Tensor& values, const at::T
 }
 
 void check_ell(const at::Tensor& values, const at::Tensor& rows) {
-  TORCH_CHECK(values.dim() == 2 && rows.sizes() == values.sizes(), "ell_matmul: values and rows must be (d2, s)");
-  TORCH_CHECK(values.device().is_cpu() && rows.device().is_cpu(), "ell_matmul: CPU only");
+  TORCH_CHECK(values.dim() == 2 && rows.sizes() == values.sizes(), "dict_ell: values and rows must be (d2, s)");
+  TORCH_CHECK(values.device().is_cpu() && rows.device().is_cpu(), "dict_ell: CPU only");
 }
 
 // y (n, d2) in float32 from z (n, k): bf16 products when z and the values are bf16 and
@@ -271,12 +272,6 @@ at::Tensor ell_any(const at::Tensor& z, const at::Tensor& values, const at::Tens
     return ell_bf16(z.contiguous(), values, rows);
 #endif
   return ell_float(z.to(at::kFloat).contiguous(), values, rows);
-}
-
-at::Tensor ell_matmul(const at::Tensor& z, const at::Tensor& values, const at::Tensor& rows) {
-  check_ell(values, rows);
-  TORCH_CHECK(z.dim() == 2 && z.device().is_cpu(), "ell_matmul: z must be (n, k) on the CPU");
-  return ell_any(z, values, rows).to(z.scalar_type());
 }
 
 // y = (x D) S: x (n, d1), dictionary (d1, k) at any float width, S in ELL form; z = x D is
@@ -290,10 +285,8 @@ at::Tensor dict_ell(const at::Tensor& x, const at::Tensor& dictionary, const at:
   TORCH_CHECK(x.device().is_cpu() && dictionary.device().is_cpu(), "dict_ell: CPU only");
   const int64_t n = x.size(0), d1 = x.size(1), k = dictionary.size(1);
   auto dict = dictionary.contiguous();
-  if (n > GEMM_ROWS) {  // z at x's dtype (bf16 products for a bf16 model, as its dense path)
-    const auto dtype = x.scalar_type() == at::kDouble ? at::kFloat : x.scalar_type();
-    return ell_any(at::mm(x.to(dtype).contiguous(), dict.to(dtype)), values, rows).to(x.scalar_type());
-  }
+  if (n > GEMM_ROWS)  // z at x's dtype (bf16 products for a bf16 model, as its dense path)
+    return ell_any(at::mm(x.contiguous(), dict.to(x.scalar_type())), values, rows).to(x.scalar_type());
   auto xf = x.to(at::kFloat).contiguous();
   auto z = at::empty({n, k}, xf.options());
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, dict.scalar_type(), "dict_ell", [&] {
@@ -308,14 +301,8 @@ at::Tensor dict_ell(const at::Tensor& x, const at::Tensor& dictionary, const at:
 
 }  // namespace
 
-TORCH_LIBRARY(cospadi_ell, m) {
-  m.def("ell_matmul(Tensor z, Tensor values, Tensor rows) -> Tensor");
-  m.def("dict_ell(Tensor x, Tensor dictionary, Tensor values, Tensor rows) -> Tensor");
-}
-TORCH_LIBRARY_IMPL(cospadi_ell, CPU, m) {
-  m.impl("ell_matmul", &ell_matmul);
-  m.impl("dict_ell", &dict_ell);
-}
+TORCH_LIBRARY(cospadi_ell, m) { m.def("dict_ell(Tensor x, Tensor dictionary, Tensor values, Tensor rows) -> Tensor"); }
+TORCH_LIBRARY_IMPL(cospadi_ell, CPU, m) { m.impl("dict_ell", &dict_ell); }
 """
 
 FLAGS = ("-O3", "-march=native", "-mprefer-vector-width=512", "-fopenmp", "-fPIC", "-shared", "-std=c++20", "-w")
@@ -363,8 +350,8 @@ def _build(target: Path) -> None:
 
 @cache
 def load() -> Any:
-    """The operator namespace torch.ops.cospadi_ell (ell_matmul(z, values, rows) and
-    dict_ell(x, dictionary, values, rows)), built on first call if needed; None when the
+    """The operator namespace torch.ops.cospadi_ell (dict_ell(x, dictionary, values,
+    rows)), built on first call if needed; None when the
     native kernel is disabled (COSPADI_NATIVE=0) or cannot be built or loaded (a warning
     says why, once per process)."""
     if os.environ.get("COSPADI_NATIVE", "1") == "0":

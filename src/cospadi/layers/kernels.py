@@ -5,7 +5,7 @@ S (k, d2) has exactly s nonzeros per column, so it is held in ELL form: `values`
 k <= 32768, else int32; values at the module's dtype, or bf16 for 14-bit values). D may be
 held narrower than the module's dtype (bf16 in a float32 model when exact there).
 
-* sparse (ELL): one compiled operator (ell_native.dict_ell) forms z = x D in float32,
+* sparse (ELL): one compiled operator (ell_native's dict_ell) forms z = x D in float32,
   reading D at its stored width, then y[:, j] = sum_t values[j, t] z[:, rows[j, t]]; the
   pure-PyTorch fallback does x @ D at x's dtype, then the same gather. No float32 copy of
   D or of the values is held. On the CPU for up to max_sparse_rows(dtype) rows.
@@ -72,16 +72,6 @@ def ell_matmul_reference(z: torch.Tensor, values: torch.Tensor, rows: torch.Tens
     return out.to(z.dtype)
 
 
-def ell_matmul(z: torch.Tensor, values: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
-    """y = z S with S in ELL form: z (n, k), values and rows (d2, s) -> (n, d2) at z's
-    dtype. The compiled kernel on the CPU when it is available (not for float64), the
-    pure-PyTorch reference otherwise; they agree up to float rounding."""
-    native = _native(z, values)
-    if native is None:
-        return ell_matmul_reference(z, values, rows)
-    return native.ell_matmul(z, values, rows)
-
-
 def _native(*tensors: torch.Tensor) -> Any:
     """The compiled operators when they apply to these tensors (CPU, no float64), else None."""
     if tensors[0].device.type != "cpu" or any(t.dtype == torch.float64 for t in tensors):
@@ -93,8 +83,8 @@ def sparse_forward(x: torch.Tensor, dictionary: torch.Tensor, values: torch.Tens
                    bias: torch.Tensor | None) -> torch.Tensor:
     """The ELL path: x (n, d1), dictionary (d1, k) at any float width (a bf16 dictionary in
     a float32 model is read as it is, products in float32), values and rows (d2, s).
-    Returns (n, d2) at x's dtype: the fused compiled kernel, or x D at x's dtype then
-    ell_matmul."""
+    Returns (n, d2) at x's dtype: the compiled kernel, or x D at x's dtype then the
+    pure-PyTorch gather."""
     native = _native(x, dictionary, values)
     if native is not None:
         y = native.dict_ell(x, dictionary, values, rows)
