@@ -238,7 +238,10 @@ def test_sensitivity_is_the_mean_squared_output_gradient(tiny_llama, tiny_ids):
 def test_profile_round_trips_through_the_cache(tiny_llama, tiny_ids, tmp_path):
     model = tiny_llama(2)
     profile = profile_model(model, tiny_ids, "cospadi", SolverOptions(), group_size=2, progress=False)
-    assert [len(j.members) for j in profile.jobs] == [2, 2, 2, 1, 1, 2, 2, 1, 1]  # q/k/v, o x2, gate/up, down x2
+    assert [len(j.members) for j in profile.jobs] == [1] * 8 + [2, 2, 1, 1]  # q/k/v/o x2, gate/up shared, down x2
+    full = profile_model(model, tiny_ids, "cospadi", SolverOptions(), group_size=2, share=("q", "k", "v", "gate", "up"),
+                         progress=False)
+    assert [len(j.members) for j in full.jobs] == [2, 2, 2, 1, 1, 2, 2, 1, 1]  # q/k/v, o x2, gate/up, down x2
     assert all(j.ratios[0] == 0 and j.errors[0] == 0 for j in profile.jobs)
     assert all(j.errors[1:] == sorted(j.errors[1:]) for j in profile.jobs)
     profile.jobs[0].sensitivity = 0.25

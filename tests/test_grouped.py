@@ -30,7 +30,8 @@ from cospadi.solvers import (
 
 TARGETS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
            "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
-SHARED = ATTENTION + GATE_UP  # the Llama family's linears that share a factor across a group
+SHARED = ATTENTION + GATE_UP  # the Llama family's linears that share a factor across a group (Basis Sharing)
+SHARED_KINDS = ("q", "k", "v", "gate", "up")  # the same as --share kinds (cospadi's default shares gate/up only)
 RATIO = 0.3
 
 
@@ -190,7 +191,8 @@ def factor_of(module):
 @pytest.mark.parametrize("method", ["cospadi", "basis-sharing"])
 def test_a_group_size_that_does_not_divide_the_blocks_shortens_the_last_group(method, tiny_llama, tiny_ids):
     model = tiny_llama(3)
-    report = compress_blocks(model, tiny_ids, Recipe(method, RATIO, OPTIONS, group_size=2), batch_size=3, progress=False)
+    report = compress_blocks(model, tiny_ids, Recipe(method, RATIO, OPTIONS, group_size=2, share=SHARED_KINDS),
+                             batch_size=3, progress=False)
     layers = model.model.layers
     for name in TARGETS:
         first, second, third = (layer.get_submodule(name) for layer in layers)

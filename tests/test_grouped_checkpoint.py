@@ -23,7 +23,8 @@ def grouped_model(tiny_llama, tiny_ids):
     """Factory: (tiny_llama of `layers` blocks compressed by `method` in groups of 2, its report dict)."""
     def make(method: str, layers: int = 3) -> tuple[torch.nn.Module, dict]:
         model = tiny_llama(layers)
-        report = compress_blocks(model, tiny_ids, Recipe(method, 0.3, group_size=2), batch_size=3, progress=False)
+        recipe = Recipe(method, 0.3, group_size=2, share=("q", "k", "v", "gate", "up"))  # more than cospadi's default
+        report = compress_blocks(model, tiny_ids, recipe, batch_size=3, progress=False)
         return model, report.to_dict()
     return make
 

@@ -38,10 +38,14 @@ def logits(model) -> torch.Tensor:
         return model(ids()[:2]).logits
 
 
+SHARE = ("q", "k", "v", "gate", "up")  # grouped runs share these (more than cospadi's default gate/up)
+
+
 def compress(model, folder, method="cospadi", ratio=0.3, group_size=1, data=None):
     """The run every test resumes: batches of 3 (two batches), one worker, no bar."""
-    return compress_blocks(model, ids() if data is None else data, Recipe(method, ratio, OPTIONS, group_size),
-                           batch_size=3, progress=False, workers=1, resume_dir=folder)
+    recipe = Recipe(method, ratio, OPTIONS, group_size, share=SHARE if group_size > 1 else None)
+    return compress_blocks(model, ids() if data is None else data, recipe, batch_size=3, progress=False, workers=1,
+                           resume_dir=folder)
 
 
 def interrupt_after(monkeypatch, commits: int) -> None:
@@ -103,8 +107,9 @@ def copy_of(finished, tmp_path):
 @pytest.mark.parametrize("method,group_size", [("cospadi", 1), ("cospadi", 2), ("svd-llm", 1)])
 def test_resumed_run_equals_uninterrupted(tmp_path, monkeypatch, method, group_size):
     whole = build()
-    expected = compress_blocks(whole, ids(), Recipe(method, 0.3, OPTIONS, group_size), batch_size=3, progress=False,
-                               workers=1)
+    expected = compress_blocks(whole, ids(), Recipe(method, 0.3, OPTIONS, group_size,
+                                                    share=SHARE if group_size > 1 else None),
+                               batch_size=3, progress=False, workers=1)
     with monkeypatch.context() as patch:
         interrupt_after(patch, 1)
         with pytest.raises(KeyboardInterrupt):

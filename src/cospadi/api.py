@@ -6,6 +6,7 @@
 """
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import replace
 
 import torch
@@ -16,7 +17,7 @@ from .budget import check_ratio
 from .data import calibration_windows, evaluation_windows, load_corpus, tokenize_corpus
 from .errors import CospadiError
 from .evaluation.perplexity import perplexity
-from .groups import resolve_group_size
+from .groups import parse_share, resolve_group_size
 from .methods import check_quant, get_method
 from .models import needs_bos
 from .pipeline import Recipe, check_recipe, compress_blocks
@@ -58,16 +59,18 @@ def compress(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, texts: 
              resume_dir: str | None = None, device: str | torch.device | None = None,
              ratios: RatioMap | None = None, allocation: str | None = None, cost: str = DEFAULT_COST,
              profile_cache: str | None = None, quant: str | None = None, quant_group: int = DEFAULT_GROUP,
-             **solver: object) -> tuple[PreTrainedModel, CompressionReport]:
+             share: str | Sequence[str] | None = None, **solver: object) -> tuple[PreTrainedModel, CompressionReport]:
     """Compress `model` in place: every q/k/v/o/gate/up/down linear of every block becomes
     a DictLinear (method "cospadi") or LowRankLinear ("svd", "svd-llm", "basis-sharing")
     removing `ratio` of its weights, calibrated on `calib_samples` windows of `seq_len`
     tokens of `texts` (or on the given `input_ids` (N, L) windows). `group_size` m:
-    consecutive blocks whose q/k/v/gate/up share one dictionary (cospadi) or basis
-    (basis-sharing) per kind, o/down staying per layer; None: the method's default (2 for
-    basis-sharing, else 1 = per layer). `solver` keywords are SolverOptions fields (rho,
-    solver, init, iters, sweeps, power_iters, rounds, seed; defaults in
-    solvers/options.py). Returns the same model object and a
+    consecutive blocks whose linears named by `share` share one dictionary (cospadi) or
+    basis (basis-sharing) per kind, the others staying per layer; None: the method's
+    default (2 for basis-sharing, else 1 = per layer). `share` ("gate,up", or a list of
+    kinds or linear names; None: the method's default: gate and up for cospadi,
+    q/k/v/gate/up for basis-sharing; docs/method.md "Per-group mode"). `solver` keywords
+    are SolverOptions fields (rho, solver, init, iters, sweeps, power_iters, rounds,
+    seed; defaults in solvers/options.py). Returns the same model object and a
     CompressionReport. `resume_dir`: save progress there after every block (or group) and
     resume from it when it already holds progress of this same run (pipeline.compress_blocks).
     `device` ("auto", "cpu", "cuda", "cuda:N"; None: the model's own): where calibration
@@ -98,7 +101,8 @@ def compress(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, texts: 
         return compress_depth(model, tokenizer, texts, input_ids=input_ids, method=method, ratio=ratio,
                               calib_samples=calib_samples, seq_len=seq_len, batch_size=batch_size, progress=progress,
                               workers=workers, group_size=group_size, resume_dir=resume_dir, device=device,
-                              ratios=ratios, allocation=allocation, cost=cost, profile_cache=profile_cache, **solver)
+                              ratios=ratios, allocation=allocation, cost=cost, profile_cache=profile_cache, share=share,
+                              **solver)
     group_size = resolve_group_size(get_method(method), group_size)
     check_quant(get_method(method), spec, group_size)
     if get_method(method).ignores_ratio:  # rtn, gptq: every matrix at ratio 0, quantized
@@ -112,7 +116,7 @@ def compress(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, texts: 
     check_allocation(allocation, cost)
     if ratios is not None and allocation != "uniform":
         raise CospadiError("give either ratios (a per-matrix map) or allocation='knapsack', not both")
-    recipe = Recipe(method, ratio, options, group_size, ratios, spec)
+    recipe = Recipe(method, ratio, options, group_size, ratios, spec, parse_share(share))
     check_recipe(model, recipe)  # before the profile pass
     chosen = allocate(model, input_ids, recipe, allocation, cost, cache=profile_cache, batch_size=batch_size,
                       device=device, progress=progress)

@@ -57,9 +57,12 @@ def build_parser() -> argparse.ArgumentParser:
                    "(quantization alone, with --quant); or depth pruning "
                    "(docs/pruning.md): replaceme, replaceme+M (M one of those), replacemeK+M (cut K blocks, then M)")
     c.add_argument("--group-size", type=int, default=None,
-                   help="consecutive blocks whose q/k/v/gate/up share one dictionary (cospadi) or basis "
-                        "(basis-sharing); o/down stay per layer (default: 2 for basis-sharing, else 1 = per layer; "
-                        "paper: 2); a last group is shorter when it does not divide the blocks")
+                   help="consecutive blocks whose linears named by --share share one dictionary (cospadi) or basis "
+                        "(basis-sharing), the others staying per layer (default: 2 for basis-sharing, else 1 = per "
+                        "layer; paper: 2); a last group is shorter when it does not divide the blocks")
+    c.add_argument("--share", default=None,
+                   help="with --group-size > 1: the linears a group shares, comma-separated kinds from q,k,v,o,gate,"
+                        "up,down (default: the method's: cospadi gate,up; basis-sharing q,k,v,gate,up)")
     c.add_argument("--ratio", type=float, default=0.3, help="fraction of each linear's weights removed, in (0, 1) "
                    "(replaceme: of all linear weights, in whole blocks)")
     add_solver_args(c)
@@ -131,6 +134,8 @@ def run_compress(args: argparse.Namespace) -> list[dict]:
     _check_outputs(args)
     device = resolve_device(args.device)
     group_size = resolve_method_group_size(args.method, args.group_size)
+    if args.share is not None and (group_size or 1) == 1:
+        raise CospadiError("--share chooses the linears a group of blocks shares: give --group-size 2 or more")
     _check_quant_args(args, group_size)
     if args.lazy:
         if distributed.launched():
@@ -192,7 +197,7 @@ def _run_compress(args: argparse.Namespace, options: SolverOptions, device: torc
                                  group_size=group_size, resume_dir=args.resume_dir, device=device,
                                  allocation=args.allocation, cost=args.cost,
                                  profile_cache=_profile_cache(args.profile_cache), quant=args.quant,
-                                 quant_group=args.quant_group, **asdict(options))
+                                 quant_group=args.quant_group, share=args.share, **asdict(options))
     ppl = _evaluate(model, windows, device, args, "compressed perplexity")
     row = _row(report, dense_ppl, ppl)
     if args.out is not None:
@@ -225,8 +230,8 @@ def _run_compress_lazy(args: argparse.Namespace, options: SolverOptions, device:
     calib_texts, _ = load_corpus(args.data)
     report = compress_folder(folder, args.out, texts=calib_texts, method=args.method, ratio=args.ratio,
                              calib_samples=args.calib_samples, seq_len=args.seq_len, batch_size=args.batch_size,
-                             progress=not args.quiet, workers=args.workers, group_size=group_size, device=device,
-                             dtype=args.dtype, coef_bits=args.coef_bits, overwrite=args.overwrite,
+                             progress=not args.quiet, workers=args.workers, group_size=group_size, share=args.share,
+                             device=device, dtype=args.dtype, coef_bits=args.coef_bits, overwrite=args.overwrite,
                              summary=lambda r: _row(r, None, None),
                              log=None if args.quiet else lambda line: print(line, file=sys.stderr),
                              **asdict(options))

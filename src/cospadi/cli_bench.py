@@ -30,6 +30,7 @@ from .cli_common import (
 )
 from .devices import resolve_device
 from .errors import CospadiError
+from .groups import parse_share
 from .report import results_table
 from .solvers import SolverOptions
 from .solvers.quantize import DEFAULT_GROUP
@@ -54,6 +55,8 @@ def add_bench_parsers(sub: argparse._SubParsersAction) -> None:
                    help="also a table and PNG of token perplexity against bytes of the linear weights, Pareto front "
                         "marked (its own section of --output; the PNG beside the sweep's)")
     b.add_argument("--group-size", type=int, default=2, help="blocks per group of basis-sharing and cospadi-group")
+    b.add_argument("--share", default=None, help="linears the grouped methods share, comma-separated kinds (default: "
+                   "each method's: cospadi gate,up; basis-sharing q,k,v,gate,up)")
     add_allocation_args(b, f"knapsack: add {bench.KNAPSACK} to every label (a label without it runs uniform)")
     b.add_argument("--lastword-examples", type=int, default=bench.DEFAULT_LASTWORD_EXAMPLES,
                    help="last-word accuracy passages per cell (lm-eval, offline; 0: skip)")
@@ -133,7 +136,7 @@ def run_bench(args: argparse.Namespace) -> list[dict]:
                         calib_samples=args.calib_samples, seq_len=args.seq_len, eval_windows=args.eval_windows,
                         options=options, group_size=args.group_size, lastword_examples=args.lastword_examples,
                         wordppl_docs=args.wordppl_docs, quants=tuple(args.quant.split(",")),
-                        quant_group=args.quant_group,
+                        quant_group=args.quant_group, share=parse_share(args.share),
                         baseline_quants=None if args.baseline_quant is None else tuple(args.baseline_quant.split(",")))
     sweep.check()
     output = Path(args.output)

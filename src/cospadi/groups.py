@@ -1,6 +1,8 @@
 """Which blocks form a group in per-group mode (docs/method.md "Per-group mode"):
 consecutive blocks in groups of `group_size`; which of their linears share a factor is
-the family adapter's rule (adapters.Adapter.shared).
+the run's `share` (shared_adapter): the user's choice, else the method's default
+(Method.default_share), else the family adapter's rule (adapters.Adapter.shared, the
+Basis Sharing protocol: q, k, v, gate and up).
 
 When group_size does not divide the number of blocks, the last group is shorter: 30
 blocks in groups of 4 give seven groups of 4 and one of 2; a last group of one block is
@@ -8,6 +10,10 @@ compressed per layer (its budget formula is then the per-layer one). A group siz
 than the model puts every block in one group."""
 from __future__ import annotations
 
+from collections.abc import Sequence
+from dataclasses import replace
+
+from .adapters import Adapter
 from .errors import CospadiError
 from .methods import REGISTRY, Method
 
@@ -38,3 +44,32 @@ def block_groups(n_blocks: int, group_size: int) -> list[list[int]]:
     if not isinstance(group_size, int) or group_size < 1:
         raise CospadiError(f"group size {group_size!r} must be an integer >= 1")
     return [list(range(start, min(start + group_size, n_blocks))) for start in range(0, n_blocks, group_size)]
+
+
+def parse_share(share: str | Sequence[str] | None) -> tuple[str, ...] | None:
+    """A --share value ("gate,up"; a sequence of names; None) as a tuple of names, None
+    when not given."""
+    if share is None:
+        return None
+    names = tuple(part.strip() for part in (share.split(",") if isinstance(share, str) else share))
+    if not names or not all(names):
+        raise CospadiError(f"--share {share!r} names no linear: give kinds such as q,k,v,gate,up")
+    return names
+
+
+def shared_adapter(adapter: Adapter, method: Method, share: Sequence[str] | None = None) -> Adapter:
+    """`adapter` whose shared linears are `share` (None: method.default_share, None there:
+    the adapter's own). A name is a linear's full name in the block ("mlp.gate_proj") or its
+    kind ("gate" for gate_proj); CospadiError naming one that matches no target."""
+    names = share if share is not None else method.default_share
+    if names is None:
+        return adapter
+    kinds = {target.rsplit(".", 1)[-1].removesuffix("_proj"): target for target in adapter.targets}
+    chosen = []
+    for name in names:
+        target = name if name in adapter.targets else kinds.get(name)
+        if target is None:
+            raise CospadiError(f"--share {name!r} is no linear of a {adapter.family} block; choose from "
+                               f"{', '.join(kinds)}")
+        chosen.append(target)
+    return replace(adapter, shared=tuple(t for t in adapter.targets if t in chosen))

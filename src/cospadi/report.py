@@ -45,7 +45,7 @@ class MatrixReport:
 class CompressionReport:
     """A whole run. dense_params counts every unique parameter of the dense model;
     the compressed model keeps all of them except the compressed linears' weights.
-    group_size: consecutive blocks sharing q/k/v/gate/up factors (1: per layer).
+    group_size: consecutive blocks sharing factors (the rows' `shared`; 1: per layer).
     pruned: the decoder blocks a depth-pruning run cut (pruning/run.py `Pruned.to_dict`;
     empty: none): their target linears' weights (`linear_params`) count as removed linear
     weights and all their parameters (`params`) as removed from the model."""

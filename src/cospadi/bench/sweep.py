@@ -77,6 +77,9 @@ def check_label(label: str) -> None:
     parse_label(label)
 
 
+BASIS_SHARING_KINDS = ("q", "k", "v", "gate", "up")  # what every family adapter shares by default
+
+
 @dataclass(frozen=True)
 class Sweep:
     """What one sweep runs; `key` names its cache folder and its BENCHMARKS.md section."""
@@ -96,6 +99,7 @@ class Sweep:
     quants: tuple[str, ...] = ("none",)  # each method x ratio cell once per entry (docs/quantization.md)
     quant_group: int = DEFAULT_GROUP
     baseline_quants: tuple[str, ...] | None = None  # rtn / gptq cells (None: quants less "none")
+    share: tuple[str, ...] | None = None  # linears a group shares (None: each method's default; groups.py)
 
     @property
     def key(self) -> str:
@@ -129,7 +133,18 @@ class Sweep:
         cost = f"-{self.cost}" if allocation != "uniform" else ""
         quantized = "" if quant == "none" else f"-{quant}" + (f"-g{self.quant_group}" if self.quant_group != DEFAULT_GROUP
                                                                else "")
-        return f"{label}{f'-g{self.group_size}' if grouped else ''}{solver}{cost}-{ratio:g}{quantized}.json"
+        return f"{label}{self.grouping(method) if grouped else ''}{solver}{cost}-{ratio:g}{quantized}.json"
+
+    def shared(self, method: str) -> tuple[str, ...] | None:
+        """The linears a grouped cell of `method` shares (None: the family adapter's q/k/v/gate/up)."""
+        return self.share if self.share is not None else get_method(method).default_share
+
+    def grouping(self, method: str) -> str:
+        """A grouped cell's name part: "-g2", plus "-sh" and the shared kinds when they are
+        not the adapters' q/k/v/gate/up (cells cached before --share keep their names)."""
+        shared = self.shared(method)
+        protocol = shared is None or sorted(shared) == sorted(BASIS_SHARING_KINDS)
+        return f"-g{self.group_size}" + ("" if protocol else "-sh" + "+".join(shared or ()))
 
     def cells(self) -> list[tuple[str, float, str]]:
         """(label, ratio, quant) of every compressed cell in sweep order: ratio by ratio
@@ -225,6 +240,7 @@ def run_sweep(sweep: Sweep, cache: Path, progress: bool = True) -> list[dict]:
             start = time.perf_counter()
             _, report = api.compress(model, tokenizer, input_ids=ids, method=method, ratio=ratio,
                                      progress=progress, group_size=sweep.group_size if grouped else 1,
+                                     share=sweep.share if grouped else None,
                                      allocation=allocation, cost=sweep.cost, profile_cache=str(folder / "profiles"),
                                      quant=quant, quant_group=sweep.quant_group, **asdict(sweep.options))
             seconds = time.perf_counter() - start
@@ -321,8 +337,9 @@ def describe(sweep: Sweep, command: str, rows: list[dict] | None = None) -> str:
         evals.append(f"last-word accuracy ± binomial standard error (lm-eval `{LASTWORD}`, LAMBADA-style, "
                      f"{dense.get('lastword_n', sweep.lastword_examples)} passages from held-out documents)")
     grouped = [m for m in sweep.methods if parse_label(m)[1]]
-    sharing = (f"; {', '.join(grouped)} share q/k/v/gate/up across groups of {sweep.group_size} consecutive "
-               "blocks (o/down per layer)") if grouped else ""
+    sharing = "".join(f"; {label} shares {'/'.join(sweep.shared(parse_label(label)[0]) or BASIS_SHARING_KINDS)}"
+                      f" across groups of {sweep.group_size} consecutive blocks (the other linears per layer)"
+                      for label in grouped)
     measured = "; ".join([f"token perplexity on {sweep.eval_windows} x {sweep.seq_len} held-out tokens"] + evals)
     if any(quant != "none" for _, _, quant in sweep.cells()):
         sharing += (f"; quantized cells (quant column): factors as symmetric integer codes with one bf16 scale per "

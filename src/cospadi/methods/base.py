@@ -35,6 +35,8 @@ class Method:
     name: the registry key (`--method`). module_kind: the CompressedLinear subclass its
     factors become. shares: whether `members` > 1 matrices can share one left factor
     (per-group mode). default_group_size: the blocks per group when the user gives none.
+    default_share: which linears of a block share a factor in per-group mode when the user
+    gives none (kinds such as "gate"; None: the family adapter's q/k/v/gate/up).
     uses_solver_options: whether SolverOptions change its result (bench cache names,
     resume fingerprints). quantized_kind: the CompressedLinear its quantized factors
     become (None: `--quant` is refused). ignores_ratio: the method keeps every matrix's
@@ -46,6 +48,7 @@ class Method:
     module_kind: ClassVar[type[CompressedLinear]]
     shares: ClassVar[bool] = False
     default_group_size: ClassVar[int] = 1
+    default_share: ClassVar[tuple[str, ...] | None] = None
     uses_solver_options: ClassVar[bool] = False
     quantized_kind: ClassVar[type[CompressedLinear] | None] = None
     ignores_ratio: ClassVar[bool] = False

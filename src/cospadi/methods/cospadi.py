@@ -23,6 +23,7 @@ class Cospadi(Method):
     module_kind = DictLinear
     quantized_kind = QuantDictLinear
     shares = True
+    default_share = ("gate", "up")  # sharing q/k/v too loses perplexity at low ratios (docs/method.md "Per-group mode")
     uses_solver_options = True
 
     def budget(self, d1: int, d2: int, ratio: float, options: SolverOptions, members: int = 1) -> DictBudget:

@@ -63,13 +63,14 @@ def _profile(model: PreTrainedModel, input_ids: torch.Tensor, recipe: Recipe, ca
     """The profile (with sensitivities when `sensitive`) and the seconds of it read from
     `cache` rather than measured now."""
     folder = Path(cache) if cache is not None else None
-    key = profile_key(model, input_ids, recipe.method, recipe.options, recipe.group_size, DEFAULT_GRID, batch_size) \
+    key = profile_key(model, input_ids, recipe.method, recipe.options, recipe.group_size, DEFAULT_GRID, batch_size,
+                      recipe.share) \
         if folder is not None else ""
     profile = read_cached(folder, key) if folder is not None else None
     reused, measured = (profile.seconds, False) if profile is not None else (0.0, True)
     if profile is None:
         profile = profile_model(model, input_ids, recipe.method, recipe.options, recipe.group_size, DEFAULT_GRID,
-                                batch_size=batch_size, device=resolve_device(device), progress=progress)
+                                share=recipe.share, batch_size=batch_size, device=resolve_device(device), progress=progress)
     if sensitive and any(job.sensitivity is None for job in profile.jobs):
         start = time.perf_counter()
         values = output_sensitivities(model, input_ids)

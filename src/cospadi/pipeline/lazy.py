@@ -236,7 +236,7 @@ def _assign(model: nn.Module, name: str, tensor: torch.Tensor) -> None:
 def compress_folder(folder: str | os.PathLike, out: str | os.PathLike, *, input_ids: torch.Tensor | None = None,
                     texts: list[str] | None = None, method: str = "cospadi", ratio: float = 0.3,
                     calib_samples: int = 32, seq_len: int = 512, batch_size: int = 8, progress: bool = True,
-                    workers: int | None = None, group_size: int | None = None,
+                    workers: int | None = None, group_size: int | None = None, share: str | None = None,
                     device: str | torch.device | None = None, dtype: torch.dtype | str | None = None,
                     coef_bits: int | None = None, overwrite: bool = False,
                     max_shard_size: str | int | None = None, summary: Callable[[CompressionReport], dict] | None = None,
@@ -249,7 +249,7 @@ def compress_folder(folder: str | os.PathLike, out: str | os.PathLike, *, input_
     starts. Returns the report. The folder is byte for byte what compressing the model
     loaded whole and saving it gives (max_shard_size as in checkpoint.save)."""
     from .. import api
-    from ..groups import resolve_group_size
+    from ..groups import parse_share, resolve_group_size
     from ..methods import get_method
     from ..solvers import SolverOptions
     from ..storage.checkpoint import parse_dtype, save
@@ -260,7 +260,7 @@ def compress_folder(folder: str | os.PathLike, out: str | os.PathLike, *, input_
     return_freed_memory()
     parse_dtype(dtype)
     options = SolverOptions(**solver)  # type: ignore[arg-type]
-    recipe = Recipe(method, ratio, options, resolve_group_size(get_method(method), group_size))
+    recipe = Recipe(method, ratio, options, resolve_group_size(get_method(method), group_size), share=parse_share(share))
     lazy = LazyModel(folder)
     tokenizer = load_tokenizer(folder)
     check_recipe(lazy.model, recipe)

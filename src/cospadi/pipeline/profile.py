@@ -20,7 +20,7 @@ from ..adapters import Adapter, adapter_for, decoder_layers
 from ..devices import to_device, visiting
 from ..errors import CospadiError
 from ..files import atomic_file
-from ..groups import block_groups
+from ..groups import block_groups, shared_adapter
 from ..methods import Method, get_method
 from ..resume import run_fingerprint
 from ..solvers import SolverOptions
@@ -113,13 +113,15 @@ def profile_job(method: Method, weights: list[torch.Tensor], grams: list[torch.T
 
 @torch.no_grad()
 def profile_model(model: PreTrainedModel, input_ids: torch.Tensor, method_name: str, options: SolverOptions,
-                  group_size: int = 1, grid: tuple[float, ...] = DEFAULT_GRID, *, batch_size: int = 8,
-                  device: torch.device | None = None, progress: bool = True) -> Profile:
+                  group_size: int = 1, grid: tuple[float, ...] = DEFAULT_GRID, *, share: tuple[str, ...] | None = None,
+                  batch_size: int = 8, device: torch.device | None = None, progress: bool = True) -> Profile:
     """Profile every job of `model` (calibrated on `input_ids` (N, L)) for `method_name`
-    with groups of `group_size` blocks, at the ratios of `grid` (0 = dense). The model is
-    not changed; each group of blocks visits `device` in turn."""
+    with groups of `group_size` blocks sharing the linears `share` names (None: the
+    method's default), at the ratios of `grid` (0 = dense). The model is not changed;
+    each group of blocks visits `device` in turn."""
     start = time.perf_counter()
-    method, adapter, layers = get_method(method_name), adapter_for(model), decoder_layers(model)
+    method, layers = get_method(method_name), decoder_layers(model)
+    adapter = shared_adapter(adapter_for(model), method, share)
     target = device or next(model.parameters()).device
     states, block_kwargs = capture_block_inputs(model, layers, input_ids, batch_size)
     states, block_kwargs = to_device(states, target), to_device(block_kwargs, target)
@@ -149,11 +151,14 @@ def _profile_group(method: Method, adapter: Adapter, layers: nn.ModuleList, bloc
 
 
 def profile_key(model: PreTrainedModel, input_ids: torch.Tensor, method_name: str, options: SolverOptions,
-                group_size: int, grid: tuple[float, ...], batch_size: int) -> str:
-    """The cache name of a profile: a digest of every weight, the windows and the settings."""
+                group_size: int, grid: tuple[float, ...], batch_size: int, share: tuple[str, ...] | None = None) -> str:
+    """The cache name of a profile: a digest of every weight, the windows and the settings
+    (the shared linears too, in per-group mode)."""
     method = get_method(method_name)
     settings = {"profile": PROFILE_FORMAT, "method": method_name, "group_size": group_size, "grid": list(grid),
                 "batch_size": batch_size, "options": vars(options) if method.uses_solver_options else None}
+    if group_size > 1:
+        settings["share"] = shared_adapter(adapter_for(model), method, share).shared
     return run_fingerprint(model, input_ids, settings)[:32]
 
 

@@ -25,7 +25,7 @@ from ..allocation import RatioMap, check_ratio_map, shared_ratio, uniform_ratios
 from ..budget import check_ratio
 from ..devices import resolve_device, to_device, visiting
 from ..errors import CospadiError
-from ..groups import block_groups, check_group_size
+from ..groups import block_groups, check_group_size, shared_adapter
 from ..methods import Method, check_quant, get_method
 from ..report import CompressionReport, peak_rss_mb
 from ..resume import Progress, check_resume_dir, load_progress, restore_groups, run_fingerprint, save_group, save_progress
@@ -43,7 +43,8 @@ class Recipe:
     """What a run does: `method` (a registered name) removing `ratio` of the compressed
     linears, spread by `ratios` (one ratio per (block, linear); None: uniform, every
     matrix at `ratio`), with solver `options`, consecutive blocks in groups of
-    `group_size` sharing factors (1: per layer)."""
+    `group_size` sharing factors (1: per layer): the linears `share` names (kinds such as
+    "gate"; None: the method's default, groups.shared_adapter)."""
 
     method: str
     ratio: float
@@ -51,13 +52,16 @@ class Recipe:
     group_size: int = 1
     ratios: RatioMap | None = None
     quant: QuantSpec | None = None  # the factors quantized (docs/quantization.md); None: not
+    share: tuple[str, ...] | None = None
 
     def settings(self) -> dict:
         """The JSON-ready description of the recipe (resume fingerprints)."""
         ratios = None if self.ratios is None else sorted([b, n, r] for (b, n), r in self.ratios.items())
         quant = {} if self.quant is None else {"quant": [self.quant.bits, self.quant.group]}
+        share = {} if self.group_size == 1 else {"share": list(get_method(self.method).default_share or ["adapter"])
+                                                 if self.share is None else list(self.share)}
         return dict(method=self.method, ratio=self.ratio, options=vars(self.options), group_size=self.group_size,
-                    ratios=ratios, **quant)
+                    ratios=ratios, **quant, **share)
 
 
 class BlockSource(Protocol):
@@ -169,7 +173,8 @@ def _prepare(model: PreTrainedModel, input_ids: torch.Tensor, recipe: Recipe, wo
     report = CompressionReport(recipe.method, recipe.ratio, dict(vars(recipe.options)), unique_param_count(model),
                                calibration={"samples": int(input_ids.shape[0]), "seq_len": int(input_ids.shape[1])},
                                group_size=recipe.group_size)
-    return _Run(model, layers, adapter_for(model), get_method(recipe.method), recipe, ratios, target, workers, report)
+    adapter = shared_adapter(adapter_for(model), get_method(recipe.method), recipe.share)
+    return _Run(model, layers, adapter, get_method(recipe.method), recipe, ratios, target, workers, report)
 
 
 def check_recipe(model: PreTrainedModel, recipe: Recipe) -> RatioMap:
@@ -183,7 +188,9 @@ def check_recipe(model: PreTrainedModel, recipe: Recipe) -> RatioMap:
     check_group_size(recipe.group_size, method)
     if recipe.quant is not None:
         check_quant(method, recipe.quant, recipe.group_size)
-    adapter = adapter_for(model)
+    if recipe.share is not None and recipe.group_size == 1:
+        raise CospadiError("--share chooses the linears a group of blocks shares: give --group-size 2 or more")
+    adapter = shared_adapter(adapter_for(model), method, recipe.share)
     layers = decoder_layers(model)
     check_weights(adapter, layers)
     if method.ignores_ratio:  # rtn, gptq: every matrix keeps its shape (ratio 0) and is quantized

@@ -4,6 +4,7 @@ blocks; a combination cuts its blocks, then compresses the kept blocks with meth
 through api.compress at the ratio that makes the total removed fraction `ratio`."""
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import cast
 
 import torch
@@ -29,6 +30,7 @@ def compress_depth(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, t
                    group_size: int | None = None, resume_dir: str | None = None,
                    device: str | torch.device | None = None, ratios: RatioMap | None = None,
                    allocation: str | None = None, cost: str = DEFAULT_COST, profile_cache: str | None = None,
+                   share: str | Sequence[str] | None = None,
                    **solver: object) -> tuple[PreTrainedModel, CompressionReport]:
     """api.compress for a depth-pruning `method` (same arguments): cut blocks of `model` in
     place (pruning/run.py), then, for a combination, compress the kept blocks with its
@@ -61,7 +63,7 @@ def compress_depth(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, t
         _, report = api.compress(model, tokenizer, input_ids=input_ids, method=split.rest, ratio=kept_ratio,
                                  batch_size=batch_size, progress=progress, workers=workers, group_size=group_size,
                                  resume_dir=resume_dir, device=device, allocation=allocation, cost=cost,
-                                 profile_cache=profile_cache, **solver)  # type: ignore[arg-type]
+                                 profile_cache=profile_cache, share=share, **solver)  # type: ignore[arg-type]
         report.method, report.ratio, report.dense_params = method, ratio, dense
         report.options = {**report.options, "rest": split.rest, "rest_ratio": kept_ratio, "fit": pruned.fit}
         report.seconds += pruned.seconds
