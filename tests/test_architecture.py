@@ -19,7 +19,7 @@ from cospadi.errors import CospadiError
 from cospadi.layers.base import MODULE_KINDS, CompressedLinear, compressed_modules
 from cospadi.layers.linear import LowRankLinear
 from cospadi.methods import REGISTRY, Method, get_method, register
-from cospadi.pipeline import Recipe, compress_blocks
+from cospadi.pipeline import Recipe, check_recipe, compress_blocks
 from cospadi.solvers import SolverOptions, svd_llm
 
 
@@ -142,10 +142,15 @@ def test_bad_ratio_maps_are_refused_before_any_work(tiny_llama, tiny_ids):
     with pytest.raises(CospadiError, match="outside"):
         compress_blocks(model, tiny_ids, Recipe("svd-llm", 0.3, ratios=ratios | {(0, "mlp.up_proj"): 1.0}),
                         progress=False)
-    # linears that share one factor (q of blocks 0 and 1, groups of 2) must share one ratio
-    split = ratios | {(1, "self_attn.q_proj"): 0.5}
+    # linears that share one factor (gate of blocks 0 and 1, groups of 2) must share one ratio
+    split = ratios | {(1, "mlp.gate_proj"): 0.5}
     with pytest.raises(CospadiError, match="different ratios"):
         compress_blocks(model, tiny_ids, Recipe("cospadi", 0.3, group_size=2, ratios=split), progress=False)
+    private = ratios | {(1, "self_attn.q_proj"): 0.5}  # q is per layer under cospadi's default sharing ...
+    check_recipe(model, Recipe("cospadi", 0.3, group_size=2, ratios=private))
+    with pytest.raises(CospadiError, match="different ratios"):  # ... and shared when --share names it
+        compress_blocks(model, tiny_ids, Recipe("cospadi", 0.3, group_size=2, ratios=private, share=("q",)),
+                        progress=False)
     assert not list(compressed_modules(model))  # nothing was swapped before the refusals
 
 
@@ -155,9 +160,9 @@ def test_the_adapter_owns_the_sharing_rule(tiny_llama, tiny_ids):
     adapter = adapter_for(tiny_llama(2))
     assert adapter.shares("mlp.gate_proj") and not adapter.shares("mlp.down_proj")
     model = tiny_llama(2)
-    report = compress_blocks(model, tiny_ids, Recipe("cospadi", 0.3, group_size=2), batch_size=3, progress=False)
+    report = compress_blocks(model, tiny_ids, Recipe("basis-sharing", 0.3, group_size=2), batch_size=3, progress=False)
     shared = {row.name for row in report.matrices if row.members == 2}
-    assert shared == set(adapter.shared)
+    assert shared == set(adapter.shared)  # a method without its own default (cospadi's: groups.shared_adapter)
 
 
 def test_help_shows_every_solver_default_from_solver_options():
@@ -182,7 +187,8 @@ def test_a_biased_family_per_group_folder_reloads(method, tiny_model, calibratio
     """Qwen2's q/k/v have biases: transformers' weight tying used to take a module with a
     bias and a `weight` attribute for an output embedding and crash on reload."""
     model = tiny_model("qwen2", layers=2)
-    report = compress_blocks(model, calibration_ids, Recipe(method, 0.3, group_size=2), batch_size=4, progress=False)
+    recipe = Recipe(method, 0.3, group_size=2, share=("q", "k", "v", "gate", "up"))  # the biased q/k/v shared
+    report = compress_blocks(model, calibration_ids, recipe, batch_size=4, progress=False)
     cospadi.save(model, None, tmp_path / "out", report.to_dict())
     loaded, _ = cospadi.load(tmp_path / "out")
     q0, q1 = (loaded.model.layers[i].self_attn.q_proj for i in (0, 1))

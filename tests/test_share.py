@@ -63,6 +63,7 @@ def test_share_reaches_fingerprints_and_bench_cell_names():
     assert sweep.cell_name("cospadi-group", 0.2).startswith(f"cospadi-group-g2{suffix}-rho")
     protocol = Sweep(methods=("cospadi-group",), share=("v", "k", "q", "gate", "up"))  # the cells cached before
     assert protocol.cell_name("cospadi-group", 0.2).startswith("cospadi-group-g2-rho")
+    assert protocol.section == Sweep(methods=("cospadi-group",)).section + "-shv+k+q+gate+up"  # not overwritten
     chosen = Sweep(methods=("cospadi-group",), share=("q", "k", "v", "gate"))
     assert chosen.cell_name("cospadi-group", 0.2).startswith("cospadi-group-g2-shq+k+v+gate-rho")
 

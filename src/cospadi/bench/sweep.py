@@ -118,9 +118,11 @@ class Sweep:
     def section(self) -> str:
         """The BENCHMARKS.md section (and plot) name: the key, plus the dictionary update
         when a method uses it and it is not ksvd (sections taken before mod became the
-        default keep their names and are not overwritten by the default's)."""
+        default keep their names and are not overwritten by the default's), plus the
+        shared kinds when --share is given."""
         solver = any(uses_solver_options(parse_label(label)[0]) for label in self.methods)
-        return self.key + (update_suffix(self.options.update) if solver else "")
+        share = "" if self.share is None else "-sh" + "+".join(self.share)  # --share given: its own section
+        return self.key + (update_suffix(self.options.update) if solver else "") + share
 
     def cell_name(self, label: str, ratio: float, quant: str = "none") -> str:
         """The cache file of one cell: grouped methods carry their group size, dictionary
