@@ -146,7 +146,8 @@ def test_bench_caches_grouped_cells_with_every_measure_and_draws_the_plot(cli_fi
     assert cli.main(argv) == 0, capsys.readouterr().err
     assert sorted(calls) == [("basis-sharing", 0.4, 2), ("cospadi", 0.4, 2), ("svd-llm", 0.4, 1)]
     names = sorted(p.name for p in cache.rglob("*.json"))
-    assert names == ["basis-sharing-g2-0.4.json", "cospadi-group-g2-shgate+up-rho2-ksvd-orthogonal-r25-it0-sw8-p2-htp-mod-0.4.json",
+    assert names == ["basis-sharing-g2-0.4.json",
+                     "cospadi-group-g2-shgate+up-rho2-ksvd-orthogonal-r25-it0-sw8-p2-htp-mod-0.4.json",
                      "dense.json", "svd-llm-0.4.json"]
     for path in cache.rglob("*.json"):
         cell = json.loads(path.read_text())
@@ -197,9 +198,11 @@ def test_sweep_keys_name_the_lm_eval_settings_and_solver_options_name_only_dicti
         assert other.cell_name(label, 0.3) == Sweep().cell_name(label, 0.3)
     for label in ("cospadi", "cospadi-group"):
         assert other.cell_name(label, 0.3) != Sweep().cell_name(label, 0.3)
-    assert Sweep().cell_name("cospadi-group", 0.3) == "cospadi-group-g2-shgate+up-rho2-ksvd-orthogonal-r25-it0-sw8-p2-htp-mod-0.3.json"
+    assert Sweep().cell_name("cospadi-group", 0.3) == \
+        "cospadi-group-g2-shgate+up-rho2-ksvd-orthogonal-r25-it0-sw8-p2-htp-mod-0.3.json"
     ksvd = Sweep(options=SolverOptions(update="ksvd"))  # the cells taken before mod became the default keep their names
-    assert ksvd.cell_name("cospadi-group", 0.3) == "cospadi-group-g2-shgate+up-rho2-ksvd-orthogonal-r25-it0-sw8-p2-htp-0.3.json"
+    assert ksvd.cell_name("cospadi-group", 0.3) == \
+        "cospadi-group-g2-shgate+up-rho2-ksvd-orthogonal-r25-it0-sw8-p2-htp-0.3.json"
 
 
 def test_plot_clips_collapsed_methods_to_the_top_edge():
