@@ -1,12 +1,12 @@
 """Compressed drop-in replacements for nn.Linear. Both compute y = x W + b with W never
 materialised: LowRankLinear as (x U) V, DictLinear as (x D) S with S column-sparse.
 
-DictLinear holds S in ELL form, as the forward reads it (kernels.py, docs/inference.md):
-`coefs` (d2, s), each column's values in ascending row order, and `rows` (d2, s) int16,
-their row indices. Saved folders store S as docs/method.md "Storage format" describes: a
-packed bitmask of its (k, d2) pattern (`mask`, bitmask.py) plus `coefs` or `coefs14`
-(packed 14-bit codes, coefficients.py); state_dict() writes that form and prepare() turns
-a loaded one into the ELL form."""
+DictLinear holds S as the forward reads it (kernels.py, docs/inference.md): `coefs`
+(d2, s), each column's values in ascending row order, and `pattern` (d2, ceil(k / 16))
+int16, each column's k bits in 16-bit words (bitmask.py). Saved folders store S as
+docs/method.md "Storage format" describes: a packed bitmask of its (k, d2) pattern
+(`mask`, bitmask.py) plus `coefs` or `coefs14` (packed 14-bit codes, coefficients.py);
+state_dict() writes that form and prepare() turns a loaded one into the held form."""
 from __future__ import annotations
 
 from collections.abc import Iterator
@@ -19,7 +19,7 @@ from torch import nn
 from ..errors import CospadiError
 from . import kernels
 from .base import CompressedLinear
-from .bitmask import mask_to_columns, packed_size, pattern_to_mask
+from .bitmask import mask_to_words, packed_size, pattern_to_words, words_to_mask, words_to_rows
 from .coefficients import check_coef_bits, pack14, packed14_size, truncate14, unpack14
 
 
@@ -75,20 +75,21 @@ class LowRankLinear(CompressedLinear):
 
 class DictLinear(CompressedLinear):
     """y = (x @ dictionary) @ S + bias; dictionary (in, k); S (k, out) with exactly s
-    nonzeros per column, held in ELL form (kernels.py): `coefs` (out, s), column j's
-    values in ascending row order, and `rows` (out, s), their row indices (int16 up to
-    32768 atoms). `coefs` is a Parameter at the module's dtype, or with coef_bits=14 a
-    bf16 buffer that stays bf16 whatever the module's dtype (the 14-bit values are exact
-    there). That is all a prepared module holds besides the bias.
+    nonzeros per column, held as the kernels read it (kernels.py): `coefs` (out, s),
+    column j's values in ascending row order, and `pattern` (out, ceil(atoms / 16))
+    int16, column j's bits in 16-bit words (bitmask.py). `coefs` is a Parameter at the
+    module's dtype, or with coef_bits=14 a bf16 buffer that stays bf16 whatever the
+    module's dtype (the 14-bit values are exact there). That is all a prepared module
+    holds besides the bias.
 
     Saved folders store S as `mask` (packed bits of its pattern, bitmask.py) and `coefs`
     or `coefs14` (packed 14-bit codes, coefficients.py): state_dict() writes that form,
-    computed from the ELL one; a module built by from_spec holds it as empty slots for the
-    loader, and prepare() (the quantizer calls it after loading; the first forward
-    otherwise) turns it into the ELL form and drops the slots. Reading `mask` or `coefs14`
-    on a prepared module computes them. `values` and `indices` give S as (s, out) values
-    and ascending row indices. `path` picks the forward: "auto" (by input size and
-    device, see kernels.choose_path), "dense" or "sparse" (ELL)."""
+    computed from the held one; a module built by from_spec holds it as empty slots for
+    the loader, and prepare() (the quantizer calls it after loading; the first forward
+    otherwise) turns it into the held form and drops the slots. Reading `mask` or
+    `coefs14` on a prepared module computes them. `values` and `indices` give S as (s, out)
+    values and ascending row indices (computed). `path` picks the forward: "auto" (by input
+    size and device, see kernels.choose_path), "dense" or "sparse" (the bit walk)."""
 
     kind = "dict"
     spec_fields = ("in_features", "out_features", "atoms", "sparsity")
@@ -143,20 +144,21 @@ class DictLinear(CompressedLinear):
             module.dictionary.copy_(factors.dictionary)
             if bias is not None:
                 module.bias.copy_(bias)
-        module._hold_ell(indices.T, factors.values.T.to(dtype))
+        module._hold_sparse(pattern_to_words(indices, atoms), factors.values.T.to(dtype))
         return module
 
     # ------------------------------------------------------------------ the two forms of S
     @property
     def prepared(self) -> bool:
-        """Whether S is held in ELL form (True) or as the loader's storage slots."""
-        return "rows" in self._buffers
+        """Whether S is held as the kernels read it (True) or as the loader's storage slots."""
+        return "pattern" in self._buffers
 
-    def _hold_ell(self, rows: torch.Tensor, coefs: torch.Tensor) -> None:
-        """Hold S as `rows` and `coefs` (out, s), dropping the storage slots."""
+    def _hold_sparse(self, pattern: torch.Tensor, coefs: torch.Tensor) -> None:
+        """Hold S as `pattern` (out, ceil(atoms / 16)) int16 and `coefs` (out, s),
+        dropping the storage slots."""
         self._buffers.pop("mask", None)
         self._buffers.pop("coefs14", None)
-        self.register_buffer("rows", rows.to(kernels.index_dtype(self.atoms)).contiguous(), persistent=False)
+        self.register_buffer("pattern", pattern.contiguous(), persistent=False)
         if self.coef_bits is None:
             self.coefs = coefs if isinstance(coefs, nn.Parameter) else nn.Parameter(coefs.contiguous())
         else:
@@ -166,7 +168,7 @@ class DictLinear(CompressedLinear):
     def _hold_slots(self) -> None:
         """Back to the storage form (empty slots), so load_state_dict can copy into it."""
         device = self.dictionary.device
-        self._buffers.pop("rows", None)
+        self._buffers.pop("pattern", None)
         self.register_buffer("mask", torch.zeros(packed_size(self.atoms * self.out_features), dtype=torch.uint8,
                                                  device=device))
         if self.coef_bits is not None:
@@ -175,19 +177,19 @@ class DictLinear(CompressedLinear):
                                                         dtype=torch.uint8, device=device))
 
     def prepare(self) -> DictLinear:
-        """Turn the storage form into the ELL form: row indices from the mask (checking that
-        every column has exactly s bits: CospadiError otherwise), packed values decoded to
-        bf16; the mask and packed values are dropped. A no-op when already prepared; runs
-        by itself on first use. Returns self."""
+        """Turn the storage form into the held form: the word pattern from the mask
+        (checking that every column has exactly s bits: CospadiError otherwise), packed
+        values decoded to bf16; the mask and packed values are dropped. A no-op when
+        already prepared; runs by itself on first use. Returns self."""
         if self.prepared:
             return self
-        rows = mask_to_columns(self._buffers["mask"], self.atoms, self.out_features, self.sparsity)
+        pattern = mask_to_words(self._buffers["mask"], self.atoms, self.out_features, self.sparsity)
         if self.coef_bits is None:
             coefs = self.coefs
         else:
             coefs = unpack14(self._buffers["coefs14"], self.out_features * self.sparsity).view(self.out_features,
                                                                                                 self.sparsity)
-        self._hold_ell(rows, coefs)
+        self._hold_sparse(pattern, coefs)
         self._narrow_dictionary()
         return self
 
@@ -207,19 +209,19 @@ class DictLinear(CompressedLinear):
         if coef_bits == self.coef_bits or coef_bits is None:
             return self
         self.prepare()
-        rows, values = self._buffers["rows"], truncate14(self.coefs.detach())
+        pattern, values = self._buffers["pattern"], truncate14(self.coefs.detach())
         self.coef_bits = coef_bits
-        self._hold_ell(rows, values)
+        self._hold_sparse(pattern, values)
         return self
 
     def storage_tensors(self) -> dict[str, torch.Tensor]:
         """What a saved folder holds for S: `mask` and `coefs` or `coefs14` (computed from
-        the ELL form when prepared)."""
+        the held form when prepared)."""
         if not self.prepared:
             return {name: t for name, t in (("mask", self._buffers.get("mask")), ("coefs14", self._buffers.get("coefs14")),
                                             ("coefs", self._parameters.get("coefs"))) if t is not None}
-        rows, coefs = self._buffers["rows"], self.coefs
-        mask = pattern_to_mask(rows.T, self.atoms)
+        pattern, coefs = self._buffers["pattern"], self.coefs
+        mask = words_to_mask(pattern, self.atoms)
         return {"mask": mask, **({"coefs": coefs} if self.coef_bits is None else {"coefs14": pack14(coefs.detach())})}
 
     def stored_tensors(self) -> dict[str, torch.Tensor]:
@@ -239,7 +241,7 @@ class DictLinear(CompressedLinear):
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def __getattr__(self, name: str) -> Any:
-        if name in ("mask", "coefs14") and "rows" in self.__dict__.get("_buffers", {}):
+        if name in ("mask", "coefs14") and "pattern" in self.__dict__.get("_buffers", {}):
             stored = self.storage_tensors()
             if name in stored:
                 return stored[name]
@@ -252,13 +254,13 @@ class DictLinear(CompressedLinear):
 
     @property
     def indices(self) -> torch.Tensor:
-        """S's row indices, (s, out) (int16 up to 32768 atoms, else int32), ascending in every column."""
-        return self.prepare()._buffers["rows"].T
+        """S's row indices, (s, out) int64, ascending in every column (decoded from the pattern)."""
+        return words_to_rows(self.prepare()._buffers["pattern"], self.atoms, self.sparsity).T
 
     def coefficients(self) -> torch.Tensor:
         """S as a dense (k, out) tensor."""
         dense = torch.zeros(self.atoms, self.out_features, dtype=self.compute_dtype, device=self.dictionary.device)
-        return dense.scatter(0, self.indices.long(), self.values)
+        return dense.scatter(0, self.indices, self.values)
 
     def dense_weight(self) -> torch.Tensor:
         """W = D S, (in, out), multiplied in float32 and cast to the module's dtype."""
@@ -266,9 +268,9 @@ class DictLinear(CompressedLinear):
 
     # ------------------------------------------------------------------ compute
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        rows = self._buffers.get("rows")
-        if rows is None:
-            rows = self.prepare()._buffers["rows"]
+        pattern = self._buffers.get("pattern")
+        if pattern is None:
+            pattern = self.prepare()._buffers["pattern"]
         coefs = self._parameters["coefs"] if self.coef_bits is None else self._buffers["coefs"]
         flat = x.reshape(-1, self.in_features)
         dictionary = self._parameters["dictionary"]
@@ -278,9 +280,9 @@ class DictLinear(CompressedLinear):
                                                       or x.requires_grad)
             path = kernels.choose_path(flat.shape[0], x.device, needs_grad, x.dtype)
         if path == "sparse":
-            y = kernels.sparse_forward(flat, dictionary, coefs, rows, self.bias)  # chosen only without autograd
+            y = kernels.sparse_forward(flat, dictionary, coefs, pattern, self.bias)  # chosen only without autograd
         elif path == "dense":
-            y = kernels.dense_forward(flat, dictionary, coefs, rows, self.bias)
+            y = kernels.dense_forward(flat, dictionary, coefs, pattern, self.bias)
         else:
             raise CospadiError(f"unknown path {path!r}; choose one of {', '.join(kernels.PATHS)}")
         return y.view(*x.shape[:-1], self.out_features)

@@ -10,7 +10,7 @@ Each quantized factor `<name>` is stored as `<name>_codes` and `<name>_scales`
 by name); prepare() (the quantizer calls it after loading, the first forward otherwise)
 dequantizes them into Parameters at the module's dtype, the same float32 product cast to
 the same dtype that from_factors computes, so the reloaded model is bit-identical to the
-compressed one; the forward is then the plain kind's (ELL and dense paths for qdict). The
+compressed one; the forward is then the plain kind's (sparse and dense paths for qdict). The
 codes and scales stay held (small) and state_dict() writes them, never the dequantized
 floats. The run-time memory therefore holds the dequantized factors (issue 15's business)."""
 from __future__ import annotations
@@ -23,7 +23,7 @@ from torch import nn
 from ..errors import CospadiError
 from ..solvers.quantize import QuantDenseFactors, QuantDictFactors, QuantLowRankFactors, QuantTensor
 from .base import CompressedLinear
-from .bitmask import mask_to_columns, packed_size, pattern_to_mask
+from .bitmask import mask_to_words, packed_size, pattern_to_mask, words_to_mask
 from .linear import DictLinear, LowRankLinear
 from .quantized_codes import from_stored, slot_shapes, to_stored
 
@@ -213,7 +213,7 @@ class QuantDictLinear(_QuantStore, DictLinear):
     """DictLinear with D and the values of S stored quantized (the values as an (s, d2)
     QuantTensor: groups along each column's stored values, in ascending row order); S's
     pattern is the packed bitmask `mask` as for DictLinear. Prepared, it is a plain
-    DictLinear: `dictionary` and `coefs` Parameters at the module's dtype, `rows`."""
+    DictLinear: `dictionary` and `coefs` Parameters at the module's dtype, `pattern`."""
 
     kind = "qdict"
     spec_fields = ("in_features", "out_features", "atoms", "sparsity", "bits", "group")  # type: ignore[assignment]
@@ -260,20 +260,20 @@ class QuantDictLinear(_QuantStore, DictLinear):
         return module.prepare()
 
     def prepare(self) -> QuantDictLinear:
-        """Rows from the mask (CospadiError when a column lacks exactly s bits), D and the
-        values dequantized at the module's dtype. A no-op when prepared."""
+        """The word pattern from the mask (CospadiError when a column lacks exactly s bits),
+        D and the values dequantized at the module's dtype. A no-op when prepared."""
         if self.prepared:
             return self
-        rows = mask_to_columns(self._buffer("mask"), self.atoms, self.out_features, self.sparsity)
+        pattern = mask_to_words(self._buffer("mask"), self.atoms, self.out_features, self.sparsity)
         self.dictionary = nn.Parameter(self._dequantized("dictionary"))
-        self._hold_ell(rows, self._dequantized("values").T.contiguous())
+        self._hold_sparse(pattern, self._dequantized("values").T.contiguous())
         return self
 
     def _hold_slots(self) -> None:
         self._drop_held()
         self._parameters.pop("coefs", None)
         device = self._buffer("dictionary_codes").device
-        self._buffers.pop("rows", None)
+        self._buffers.pop("pattern", None)
         self.register_buffer("mask", torch.zeros(packed_size(self.atoms * self.out_features), dtype=torch.uint8,
                                                  device=device))
 
@@ -283,7 +283,7 @@ class QuantDictLinear(_QuantStore, DictLinear):
             self._run_dtype = held.dtype
 
     def storage_tensors(self) -> dict[str, torch.Tensor]:
-        mask = self._buffer("mask") if not self.prepared else pattern_to_mask(self._buffer("rows").T, self.atoms)
+        mask = self._buffer("mask") if not self.prepared else words_to_mask(self._buffer("pattern"), self.atoms)
         return {"mask": mask}
 
     def stored_tensors(self) -> dict[str, torch.Tensor]:
