@@ -240,11 +240,11 @@ def crossover_table(dtype: str, kernel: str, crossover: dict[str, dict[str, list
     rows = []
     for tokens, times in crossover.items():
         sparse, dense = statistics.median(times["sparse"]), statistics.median(times["dense"])
-        rows.append({"tokens": tokens, "ELL path (ms)": round(sparse * 1e3, 2),
-                     "dense path (ms)": round(dense * 1e3, 2), "ELL / dense": round(sparse / dense, 3)})
+        rows.append({"tokens": tokens, "sparse path (ms)": round(sparse * 1e3, 2),
+                     "dense path (ms)": round(dense * 1e3, 2), "sparse / dense": round(sparse / dense, 3)})
     limit = max_sparse_rows(parse_dtype(dtype))
     return (f"Forward pass of the cospadi model at {dtype} (no cache) on n tokens, each path forced, medians "
-            f"(ELL kernel: {kernel}); the automatic choice takes the ELL path up to {limit} tokens:\n\n"
+            f"(sparse kernel: {kernel}); the automatic choice takes the sparse path up to {limit} tokens:\n\n"
             + results_table(rows))
 
 

@@ -27,9 +27,9 @@ from .bitmask import words_to_bits, words_to_rows
 
 PATHS = ("auto", "dense", "sparse")
 # input rows (tokens x batch) up to which the CPU takes the sparse path, by compute dtype (others: float32's);
-# bf16's dense GEMM (AVX-512 BF16) overtakes the sparse kernel sooner. Measured (under load, 1 thread; to be
-# confirmed on an idle machine): docs/inference.md
-SPARSE_MAX_ROWS = {torch.float32: 4096, torch.bfloat16: 16}
+# bf16's dense GEMM (AVX-512 BF16) overtakes the sparse kernel sooner: the sparse / dense whole-model ratio at bf16
+# was 0.50-0.61 up to 4 tokens, 1.04 at 8 and 1.13 at 16 (bench-infer, idle machine; docs/inference.md)
+SPARSE_MAX_ROWS = {torch.float32: 4096, torch.bfloat16: 4}
 
 
 def max_sparse_rows(dtype: torch.dtype) -> int:
