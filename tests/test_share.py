@@ -79,3 +79,6 @@ def test_share_needs_a_group_and_known_kinds(tiny_llama, tiny_ids, cli_files, tm
             "--quiet", "--share", "gate,up"]
     assert "--group-size" in one_error_line(cli.main(base), capsys.readouterr())
     assert not (tmp_path / "out").exists()
+    bogus = base[:-1] + ["gate,bogus", "--group-size", "2", "--eval-windows", "0"]
+    assert "'bogus'" in one_error_line(cli.main(bogus), capsys.readouterr())
+    assert not (tmp_path / "out").exists()
