@@ -10,7 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from cospadi.errors import CospadiError
-from cospadi.layers.bitmask import mask_to_columns, pack_bits, packed_size, pattern_to_mask, unpack_bits
+from cospadi.layers.bitmask import mask_to_words, pack_bits, packed_size, pattern_to_mask, unpack_bits, words_to_rows
 from cospadi.layers.coefficients import pack14, packed14_size, truncate14, unpack14
 
 
@@ -24,6 +24,11 @@ def patterns(draw):
     g = torch.Generator().manual_seed(seed)
     rows = torch.stack([torch.randperm(height, generator=g)[:s].sort().values for _ in range(width)], 1)
     return rows, height
+
+
+def mask_to_rows(mask, height, width, s):
+    """The rows of every column of a packed bitmask, as the held form decodes them."""
+    return words_to_rows(mask_to_words(mask, height, width, s), height, s)
 
 
 @settings(max_examples=150, deadline=None)
@@ -44,8 +49,8 @@ def test_pattern_mask_round_trip(pattern):
     s, width = rows.shape
     mask = pattern_to_mask(rows, height)
     assert mask.numel() == packed_size(height * width)
-    columns = mask_to_columns(mask, height, width, s)
-    assert columns.dtype == torch.int32 and columns.shape == (width, s)
+    columns = mask_to_rows(mask, height, width, s)
+    assert columns.dtype == torch.int64 and columns.shape == (width, s)
     assert torch.equal(columns.T.long(), rows.long())
     # the layout of the module doc: column-major bits, least significant first
     bits = unpack_bits(mask, height * width).view(width, height)
@@ -67,9 +72,9 @@ def test_mask_with_a_wrong_column_count_is_reported_as_corrupt():
     broken = mask.clone()
     broken[0] ^= 0b10  # set a third bit in column 0
     with pytest.raises(CospadiError, match=r"3 entries in column 0, expected 2.*corrupt"):
-        mask_to_columns(broken, 8, 3, 2)
+        mask_to_rows(broken, 8, 3, 2)
     with pytest.raises(CospadiError, match=r"needs 3 uint8 bytes"):
-        mask_to_columns(mask[:2], 8, 3, 2)
+        mask_to_rows(mask[:2], 8, 3, 2)
 
 
 def test_mask_with_bits_past_its_end_is_corrupt():
@@ -77,7 +82,7 @@ def test_mask_with_bits_past_its_end_is_corrupt():
     mask = pattern_to_mask(rows, 3)
     mask[0] |= 0b10000000
     with pytest.raises(CospadiError, match="past its end"):
-        mask_to_columns(mask, 3, 1, 2)
+        mask_to_rows(mask, 3, 1, 2)
 
 
 def test_pattern_to_mask_rejects_bad_rows():

@@ -127,17 +127,11 @@ def _checked_bits(mask: torch.Tensor, height: int, width: int, sparsity: int) ->
     return bits
 
 
-def mask_to_columns(mask: torch.Tensor, height: int, width: int, sparsity: int) -> torch.Tensor:
-    """The inverse of pattern_to_mask, transposed: (width, sparsity) int32, row j holding
-    the ascending rows of column j's stored entries. CospadiError when a column does not
-    have exactly `sparsity` bits set (a corrupt or mismatched mask)."""
-    bits = _checked_bits(mask, height, width, sparsity)
-    return torch.nonzero(bits)[:, 1].to(torch.int32).view(width, sparsity)
-
-
 def mask_to_words(mask: torch.Tensor, height: int, width: int, sparsity: int) -> torch.Tensor:
-    """The packed bitmask -> the held word pattern (width, words_per_column(height))
-    int16, with mask_to_columns' checks (CospadiError)."""
+    """The inverse of pattern_to_mask: the packed bitmask -> the held word pattern (width,
+    words_per_column(height)) int16 (words_to_rows gives the rows). CospadiError when a
+    column does not have exactly `sparsity` bits set or a padding bit is set (a corrupt
+    or mismatched mask)."""
     return bits_to_words(_checked_bits(mask, height, width, sparsity))
 
 
