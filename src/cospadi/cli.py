@@ -14,7 +14,6 @@ import torch
 import transformers
 
 from . import api
-from .adapters import adapter_for
 from .bench.plot import plot_allocation
 from .budget import check_ratio
 from .cli_bench import BENCH_COMMANDS, add_bench_parsers
@@ -33,7 +32,7 @@ from .devices import resolve_device, visiting
 from .errors import CospadiError
 from .evaluation.perplexity import perplexity
 from .files import atomic_file, check_output_file, check_output_folder
-from .groups import parse_share, shared_adapter
+from .groups import parse_share
 from .layers.base import compressed_modules
 from .memory_estimate import estimate_memory
 from .methods import check_quant, get_method, method_names
@@ -136,8 +135,6 @@ def run_compress(args: argparse.Namespace) -> list[dict]:
     _check_outputs(args)
     device = resolve_device(args.device)
     group_size = resolve_method_group_size(args.method, args.group_size)
-    if args.share is not None and (group_size or 1) == 1:
-        raise CospadiError("--share chooses the linears a group of blocks shares: give --group-size 2 or more")
     _check_quant_args(args, group_size)
     if args.lazy:
         if distributed.launched():
@@ -188,9 +185,8 @@ def _run_compress(args: argparse.Namespace, options: SolverOptions, device: torc
         raise CospadiError(f"model {args.model} is already compressed (a cospadi output folder); compress its dense "
                            f"original, or make a dense model of it with `cospadi export --dense {args.model} OUT` "
                            "and compress that")
-    check_plan(model, args.method, args.ratio, options, group_size)  # before the minutes of dense evaluation
-    if args.share is not None and not is_depth_method(args.method):
-        shared_adapter(adapter_for(model), get_method(args.method), parse_share(args.share))
+    check_plan(model, args.method, args.ratio, options, group_size,  # before the minutes of dense evaluation
+               parse_share(args.share))
     _print_estimate(model, args, device, group_size)
     ids = api.calibration_ids(model, tokenizer, calib_texts, args.calib_samples, args.seq_len, args.seed)
     windows = api.evaluation_ids(model, tokenizer, eval_texts, args.seq_len, args.eval_windows) \

@@ -15,6 +15,7 @@ from .. import api
 from ..adapters import adapter_for, decoder_layers
 from ..allocation import DEFAULT_COST, RatioMap, check_allocation, resolve_allocation
 from ..errors import CospadiError
+from ..groups import parse_share
 from ..pipeline.run import Recipe, check_recipe, unique_param_count
 from ..pipeline.solve import dense_row
 from ..report import CompressionReport, peak_rss_mb
@@ -47,7 +48,8 @@ def compress_depth(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, t
     _check_arguments(depth.rest, resume_dir, ratios, allocation, cost)
     split = plan_split(model, depth, ratio)
     if split.rest is not None and split.rest_ratio is not None:
-        check_recipe(model, Recipe(split.rest, split.rest_ratio, options, group_size))  # before any work
+        check_recipe(model, Recipe(split.rest, split.rest_ratio, options, group_size,  # before any work
+                                   share=parse_share(share)))
     dense, layers, targets = unique_param_count(model), decoder_layers(model), adapter_for(model).targets
     total_linear = sum(block_linear_params(layer, targets) for layer in layers)
     if input_ids is None:

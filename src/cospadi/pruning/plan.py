@@ -173,14 +173,16 @@ def resolve_method_group_size(name: str, group_size: int | None) -> int:
     return 1
 
 
-def check_plan(model: PreTrainedModel, name: str, ratio: float, options: SolverOptions, group_size: int) -> None:
-    """Everything about running method `name` at `ratio` on `model` that can be checked
-    before calibrating (pipeline.check_recipe for per-matrix methods and a combination's
-    rest; the block rounding and the family for depth methods). CospadiError otherwise."""
+def check_plan(model: PreTrainedModel, name: str, ratio: float, options: SolverOptions, group_size: int,
+               share: tuple[str, ...] | None = None) -> None:
+    """Everything about running method `name` at `ratio` on `model` (with groups of
+    `group_size` blocks sharing the linears `share` names) that can be checked before
+    calibrating (pipeline.check_recipe for per-matrix methods and a combination's rest;
+    the block rounding and the family for depth methods). CospadiError otherwise."""
     depth = parse_depth_method(name)
     if depth is None:
-        check_recipe(model, Recipe(name, ratio, options, group_size))
+        check_recipe(model, Recipe(name, ratio, options, group_size, share=share))
         return
     split = plan_split(model, depth, ratio)
     if split.rest is not None and split.rest_ratio is not None:
-        check_recipe(model, Recipe(split.rest, split.rest_ratio, options, group_size))
+        check_recipe(model, Recipe(split.rest, split.rest_ratio, options, group_size, share=share))
