@@ -64,6 +64,8 @@ def test_share_reaches_fingerprints_and_bench_cell_names():
     protocol = Sweep(methods=("cospadi-group",), share=("v", "k", "q", "gate", "up"))  # the cells cached before
     assert protocol.cell_name("cospadi-group", 0.2).startswith("cospadi-group-g2-rho")
     assert protocol.section == Sweep(methods=("cospadi-group",)).section + "-shv+k+q+gate+up"  # not overwritten
+    named = Sweep(methods=("cospadi-group",), share=("self_attn.q_proj", "k", "v", "mlp.gate_proj", "up"))
+    assert named.cell_name("cospadi-group", 0.2) == protocol.cell_name("cospadi-group", 0.2)  # full names are kinds
     chosen = Sweep(methods=("cospadi-group",), share=("q", "k", "v", "gate"))
     assert chosen.cell_name("cospadi-group", 0.2).startswith("cospadi-group-g2-shq+k+v+gate-rho")
 

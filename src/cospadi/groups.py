@@ -57,6 +57,11 @@ def parse_share(share: str | Sequence[str] | None) -> tuple[str, ...] | None:
     return names
 
 
+def linear_kind(name: str) -> str:
+    """A linear's kind, the short name --share takes: "gate" for "mlp.gate_proj" (a kind is its own kind)."""
+    return name.rsplit(".", 1)[-1].removesuffix("_proj")
+
+
 def shared_adapter(adapter: Adapter, method: Method, share: Sequence[str] | None = None) -> Adapter:
     """`adapter` whose shared linears are `share` (None: method.default_share, None there:
     the adapter's own). A name is a linear's full name in the block ("mlp.gate_proj") or its
@@ -64,7 +69,7 @@ def shared_adapter(adapter: Adapter, method: Method, share: Sequence[str] | None
     names = share if share is not None else method.default_share
     if names is None:
         return adapter
-    kinds = {target.rsplit(".", 1)[-1].removesuffix("_proj"): target for target in adapter.targets}
+    kinds = {linear_kind(target): target for target in adapter.targets}
     chosen = []
     for name in names:
         target = name if name in adapter.targets else kinds.get(name)

@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 
 from .. import api
+from ..adapters import ATTENTION, GATE_UP
 from ..allocation import DEFAULT_COST, check_allocation
 from ..budget import check_ratio
 from ..data import load_corpus
@@ -22,7 +23,7 @@ from ..errors import CospadiError
 from ..evaluation.lm_eval_tasks import LASTWORD, WORDPPL
 from ..evaluation.perplexity import perplexity
 from ..files import atomic_file
-from ..groups import check_group_size
+from ..groups import check_group_size, linear_kind
 from ..methods import QUANTIZERS, REGISTRY, check_quant, get_method
 from ..models import load_model
 from ..pruning.plan import parse_depth_method, uses_solver_options
@@ -77,7 +78,7 @@ def check_label(label: str) -> None:
     parse_label(label)
 
 
-BASIS_SHARING_KINDS = ("q", "k", "v", "gate", "up")  # what every family adapter shares by default
+BASIS_SHARING_KINDS = tuple(linear_kind(name) for name in ATTENTION + GATE_UP)  # what the adapters share by default
 
 
 @dataclass(frozen=True)
@@ -145,7 +146,7 @@ class Sweep:
         """A grouped cell's name part: "-g2", plus "-sh" and the shared kinds when they are
         not the adapters' q/k/v/gate/up (cells cached before --share keep their names)."""
         shared = self.shared(method)
-        protocol = shared is None or sorted(shared) == sorted(BASIS_SHARING_KINDS)
+        protocol = shared is None or sorted(map(linear_kind, shared)) == sorted(BASIS_SHARING_KINDS)
         return f"-g{self.group_size}" + ("" if protocol else "-sh" + "+".join(shared or ()))
 
     def cells(self) -> list[tuple[str, float, str]]:
