@@ -8,17 +8,19 @@ library built on first use with the system C++ compiler and cached.
     torch.ops.cospadi_ell.bitmap_dense(values, pattern, k, dtype): S^T (d2, k) for the dense path
 
 z is formed in float32 inside for up to GEMM_ROWS rows, reading D at its stored width (a
-bf16 D in a float32 model is never copied to float32); longer inputs use torch's GEMM.
+bf16 D in a float32 model is never copied to float32): accumulators in registers, D's
+rows streamed once per group of up to 4 rows of x; longer inputs use torch's GEMM.
 Values may be float32, bfloat16 or float16; sums run in float32 and y comes back at x's
 dtype. Up to WALK_ROWS rows (8 for a bf16 model) walk each column's 16-bit words: the
 word's popcount(m) next values are placed into the lanes its bits select by one register
 `vpexpandw`/`vexpandps` (AVX-512 VBMI2) and multiply-added against 16 contiguous floats of
-each row of z, no gather and no index. More rows decode a block of 64 columns' rows from
-the bits (`vpcompressd`) into a scratch buffer, then run 16-row tiles of a transposed z
-(bf16 dot products for a bf16 model where the CPU has AVX-512 BF16). Without AVX-512
-VBMI2 the same walks run as scalar tzcnt/blsr bit walks. Every call checks that each
-column has exactly s bits (RuntimeError otherwise). Threads: torch's own
-(at::parallel_for over the columns of y).
+each row of z, no gather and no index. More rows: at float32, a block of 64 columns' rows
+is decoded from the bits (`vpcompressd`) into a scratch buffer, then 16-row tiles of a
+transposed z run; for a bf16 model on a CPU with AVX-512 BF16, z is laid out in atom
+pairs and every pair of atoms with a set bit in a column is one `vdpbf16ps` over 16 rows
+(ell_native_pairs.py). Without AVX-512 VBMI2 the walks run as scalar tzcnt/blsr bit
+walks. Every call checks that each column has exactly s bits (RuntimeError otherwise).
+Threads: torch's own (at::parallel_for over the columns of z and of y).
 
 `load()` returns the operator namespace, or None when there is no compiler, the build
 fails, or COSPADI_NATIVE=0; kernels.py then runs its pure-PyTorch fallback (same results

@@ -27,9 +27,9 @@ from .bitmask import words_to_bits, words_to_rows
 
 PATHS = ("auto", "dense", "sparse")
 # input rows (tokens x batch) up to which the CPU takes the sparse path, by compute dtype (others: float32's);
-# bf16's dense GEMM (AVX-512 BF16) overtakes the sparse kernel sooner: the sparse / dense whole-model ratio at bf16
-# was 0.50-0.61 up to 4 tokens, 1.04 at 8 and 1.13 at 16 (bench-infer, idle machine; docs/inference.md)
-SPARSE_MAX_ROWS = {torch.float32: 4096, torch.bfloat16: 4}
+# at bf16 the sparse / dense whole-model ratio was 0.48-0.70 up to 8 tokens, 0.86-0.98 from 16 to 128 (the bf16
+# pair kernel) and 1.01 at 512 (bench-infer; docs/inference.md)
+SPARSE_MAX_ROWS = {torch.float32: 4096, torch.bfloat16: 128}
 
 
 def max_sparse_rows(dtype: torch.dtype) -> int:
@@ -78,8 +78,11 @@ def ell_matmul_reference(z: torch.Tensor, values: torch.Tensor, rows: torch.Tens
 
 def _native(*tensors: torch.Tensor) -> Any:
     """The compiled operators when they apply to these tensors (CPU, no float64), else None."""
-    if tensors[0].device.type != "cpu" or any(t.dtype == torch.float64 for t in tensors):
+    if not tensors[0].is_cpu:
         return None
+    for tensor in tensors:  # a loop, not any(generator): this runs on every decoding step of every linear
+        if tensor.dtype == torch.float64:
+            return None
     return ell_native.load()
 
 

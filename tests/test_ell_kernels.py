@@ -1,0 +1,61 @@
+"""The compiled kernels' inner paths against brute force: the bf16 pair kernel (more rows
+than the bf16 walk: z in row pairs, each column's atom pairs with at least one set bit)
+on random, all-ones and single-bit columns, odd k, column counts that leave partial
+groups and blocks, row counts that leave partial tiles; and the register panels of z = x D
+(1-4 rows at a time, whole and partial 128-column panels) for every dictionary width."""
+
+import pytest
+import torch
+
+from cospadi.layers import ell_native
+from cospadi.layers.bitmask import pattern_to_words
+from test_ell import brute_force_product, rel
+
+
+@pytest.fixture
+def native():
+    op = ell_native.load()
+    if op is None:
+        pytest.skip("no C++ compiler: the compiled kernel is unavailable")
+    return op
+
+
+def bf16_exact(shape: tuple[int, ...], g: torch.Generator) -> torch.Tensor:
+    """Random bf16 values (products and sums of them are then exact in float64)."""
+    return torch.randn(*shape, generator=g).to(torch.bfloat16)
+
+
+@pytest.mark.parametrize("height", [1, 2, 17, 33, 100])
+def test_bf16_pair_kernel_equals_brute_force(native, height):
+    """x bf16 with D = I: rows 9-32 reach the pairs through the float32 panels, more rows
+    through torch's GEMM; y is the exact sum rounded once to bf16."""
+    g = torch.Generator().manual_seed(height)
+    eye = torch.eye(height, dtype=torch.bfloat16)
+    for s in sorted({1, max(1, height // 2), height}):  # single-bit, half and all-ones columns
+        for width in (1, 5, 67):  # partial groups of 4 columns; a partial block of 64
+            rows = torch.stack([torch.randperm(height, generator=g)[:s].sort().values for _ in range(width)], 1)
+            words = pattern_to_words(rows, height)
+            values = bf16_exact((width, s), g)
+            for n in (9, 31, 33, 70):  # partial tiles of 16 rows and runs of 32
+                z = bf16_exact((n, height), g)
+                got = native.dict_bitmap(z, eye, values, words)
+                expected = brute_force_product(z, values, words, height)
+                assert got.dtype == torch.bfloat16 and got.shape == (n, width)
+                assert torch.equal(got, expected.to(torch.bfloat16)) or rel(got, expected) < 4e-3, (s, width, n)
+
+
+@pytest.mark.parametrize("dict_dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("atoms", [16, 128, 300])
+def test_dictionary_panels_equal_the_product(native, atoms, dict_dtype):
+    """z = x D for 1-8 rows (groups of 4, then 3, 2 or 1) over whole and partial panels,
+    then S = I (column j holds atom j alone): y = x D in float32, every column of z checked."""
+    g = torch.Generator().manual_seed(atoms)
+    d1 = 40
+    dictionary = torch.randn(d1, atoms, generator=g).to(dict_dtype)
+    words = pattern_to_words(torch.arange(atoms)[None, :], atoms)
+    values = torch.ones(atoms, 1)
+    for n in range(1, 9):
+        x = torch.randn(n, d1, generator=g)
+        got = native.dict_bitmap(x, dictionary, values, words)
+        expected = x.double() @ dictionary.double()
+        assert got.dtype == torch.float32 and rel(got, expected) < 1e-6, n
