@@ -137,11 +137,15 @@ def test_bench_infer_measures_three_models_and_writes_one_section(files, tmp_pat
     folders = sorted(p.name for p in next(work.iterdir()).iterdir())
     assert folders == ["cospadi", "dense", "svd-llm"]
 
-    # a second run reuses the saved models and replaces the section
+    # a second run reuses the saved models and replaces the section, now with the profiles
     monkeypatch.setattr(api, "compress", lambda *a, **k: pytest.fail("recompressed a saved model"))
-    assert cli.main(bench_argv(files, work, output)) == 0, capsys.readouterr().err
+    assert cli.main(bench_argv(files, work, output) + ["--profile"]) == 0, capsys.readouterr().err
     again = output.read_text()
     assert again.count("<!-- bench:infer-") == 1 and "Notes that must survive." in again
+    for dtype in ("float32", "bfloat16"):  # cospadi's decode and prefill, and dense's decode beside them
+        for title in ("decode** (cospadi", "decode** (dense", "prefill** (cospadi"):
+            assert f"{title} at {dtype}, top operators" in again, (title, dtype)
+    assert "aten::" in again and "profile" not in section
 
 
 def test_worker_process_measures_a_saved_model(files, tmp_path):

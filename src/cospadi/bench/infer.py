@@ -277,8 +277,10 @@ def run(bench: InferBench, work: Path, output: Path | None, command: str, progre
         extra = detail.get(dtype, {})
         if extra.get("crossover"):
             body += "\n\n" + crossover_table(dtype, extra.get("kernel", "?"), extra["crossover"])
-        profiles = [f"**{kind}** (cospadi at {dtype}, top operators by self CPU time)\n\n```\n{extra[key].strip()}\n```"
-                    for kind, key in (("decode", "profile_decode"), ("prefill", "profile_prefill")) if extra.get(key)]
+        profiles = [f"**{kind}** ({model} at {dtype}, top operators by self CPU time)\n\n```\n{extra[key].strip()}\n```"
+                    for kind, model, key in (("decode", "cospadi", "profile_decode"), ("decode", "dense",
+                                             "profile_decode_dense"), ("prefill", "cospadi", "profile_prefill"))
+                    if extra.get(key)]
         if profiles:
             body += "\n\n" + "\n\n".join(profiles)
     if output is not None:
@@ -308,7 +310,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--threads", type=int, default=d.threads, help="torch CPU threads of the measured processes")
     add_update_arg(p)
     p.add_argument("--no-dense-path-row", action="store_true", help="skip the cospadi row with the dense path forced")
-    p.add_argument("--profile", action="store_true", help="add torch.profiler tables of cospadi decode and prefill")
+    p.add_argument("--profile", action="store_true",
+                   help="add torch.profiler tables of cospadi's decode and prefill and of dense's decode")
     p.add_argument("--work", default="runs/bench-infer", help="folder keeping the saved models between runs")
     p.add_argument("--output", default="BENCHMARKS.md", help="Markdown file to write the table into")
     p.add_argument("--quiet", action="store_true", help="no progress bars")

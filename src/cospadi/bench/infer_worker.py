@@ -88,7 +88,8 @@ class Runner:
 
 def speed(spec: dict) -> dict:
     """label -> {decode_s, generated, prefill_s: {batch: [s]}} for spec["models"] = [{label,
-    folder, path}], interleaved; plus "crossover" and "profile_*" of spec["detail_label"]."""
+    folder, path}], interleaved; plus "crossover" and "profile_*" of spec["detail_label"] (with
+    spec["profile"], also "profile_decode_dense": the dense model's decode)."""
     runners: dict[str, Runner] = {}
     for entry in spec["models"]:
         if entry["folder"] not in runners:
@@ -113,6 +114,9 @@ def speed(spec: dict) -> dict:
         detail = next((r for label, r, _ in models if label == spec.get("detail_label")), None)
         if detail is not None:
             out["detail"] = details(spec, detail)
+            dense = next((r for label, r, _ in models if label == "dense"), None)
+            if spec.get("profile") and dense is not None:  # where dense's decoding time goes, beside cospadi's
+                out["detail"]["profile_decode_dense"] = profile_table(lambda: dense.generate(min(spec["new_tokens"], 32)))
     return out
 
 

@@ -27,9 +27,10 @@ from .bitmask import words_to_bits, words_to_rows
 
 PATHS = ("auto", "dense", "sparse")
 # input rows (tokens x batch) up to which the CPU takes the sparse path, by compute dtype (others: float32's);
-# at bf16 the sparse / dense whole-model ratio was 0.48-0.70 up to 8 tokens, 0.86-0.98 from 16 to 128 (the bf16
-# pair kernel) and 1.01 at 512 (bench-infer; docs/inference.md)
-SPARSE_MAX_ROWS = {torch.float32: 4096, torch.bfloat16: 128}
+# at bf16 two idle bench-infer runs measured the sparse / dense whole-model time at 0.49-0.84 up to 8 tokens,
+# 0.91-0.98 at 16 and 32 (the bf16 pair kernel), 0.86 / 1.10 at 64, 0.96 / 0.88 at 128, 1.01 / 1.11 at 512;
+# the switch sits where both runs agree (docs/inference.md)
+SPARSE_MAX_ROWS = {torch.float32: 4096, torch.bfloat16: 32}
 
 
 def max_sparse_rows(dtype: torch.dtype) -> int:
