@@ -59,3 +59,15 @@ def test_dictionary_panels_equal_the_product(native, atoms, dict_dtype):
         got = native.dict_bitmap(x, dictionary, values, words)
         expected = x.double() @ dictionary.double()
         assert got.dtype == torch.float32 and rel(got, expected) < 1e-6, n
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_no_rows_and_no_columns_give_empty_outputs(native, dtype):
+    """An empty batch (0 rows) and a linear with no outputs come back empty at x's dtype."""
+    g = torch.Generator().manual_seed(5)
+    words = pattern_to_words(torch.stack([torch.randperm(20, generator=g)[:4].sort().values for _ in range(6)], 1), 20)
+    values, dictionary = torch.randn(6, 4).to(dtype), torch.randn(8, 20).to(dtype)
+    got = native.dict_bitmap(torch.randn(0, 8).to(dtype), dictionary, values, words)
+    assert got.shape == (0, 6) and got.dtype == dtype
+    got = native.dict_bitmap(torch.randn(3, 8).to(dtype), dictionary, values[:0], words[:0])
+    assert got.shape == (3, 0) and got.dtype == dtype

@@ -157,6 +157,7 @@ at::Tensor dict_bitmap(const at::Tensor& x, const at::Tensor& dictionary, const 
               pattern.scalar_type() == at::kShort, "dict_bitmap: pattern must be (d2, ceil(k / 16)) int16");
   TORCH_CHECK(x.device().is_cpu() && dictionary.device().is_cpu() && values.device().is_cpu() &&
               pattern.device().is_cpu(), "dict_bitmap: CPU only");
+  if (n == 0 || values.size(0) == 0) return at::zeros({n, values.size(0)}, x.options());  // nothing to walk
   auto pat = pattern.contiguous();
   auto dict = dictionary.contiguous();
   if (n > GEMM_ROWS)  // z at x's dtype (bf16 products for a bf16 model, as its dense path)
