@@ -89,12 +89,7 @@ at::Tensor bitmap_float(const at::Tensor& zf, const at::Tensor& values, const at
   auto vals = values.contiguous();
   auto out = at::empty({zf.size(0), vals.size(0)}, zf.options());
   if (zf.size(0) == 0 || vals.size(0) == 0) return out;
-  switch (vals.scalar_type()) {
-    case at::kFloat: run<float>(zf, vals, pattern, out); break;
-    case at::kBFloat16: run<c10::BFloat16>(zf, vals, pattern, out); break;
-    case at::kHalf: run<c10::Half>(zf, vals, pattern, out); break;
-    default: TORCH_CHECK(false, "dict_bitmap: values must be float32, bfloat16 or float16");
-  }
+  with_float_type(vals.scalar_type(), "dict_bitmap: values", [&](auto tag) { run<decltype(tag)>(zf, vals, pattern, out); });
   return out;
 }
 
@@ -188,29 +183,15 @@ at::Tensor bitmap_dense(const at::Tensor& values, const at::Tensor& pattern, int
   auto out = at::empty({d2, atoms}, vals.options().dtype(dtype));
   const uint16_t* pp = words_of(pat);
   std::atomic<bool> ok{true};
-  auto fill = [&](auto v_tag, auto o_tag) {
-    using V = decltype(v_tag);
-    using O = decltype(o_tag);
-    const V* vp = reinterpret_cast<const V*>(vals.data_ptr());
-    O* op = reinterpret_cast<O*>(out.data_ptr());
-    at::parallel_for(0, d2, 64, [&](int64_t b, int64_t e) {
-      if (!dense_rows(vp, pp, op, atoms, d2, s, words, b, e)) ok = false;
+  with_float_type(vals.scalar_type(), "bitmap_dense: values", [&](auto v_tag) {
+    with_float_type(dtype, "bitmap_dense: dtype", [&](auto o_tag) {
+      const auto* vp = reinterpret_cast<const decltype(v_tag)*>(vals.data_ptr());
+      auto* op = reinterpret_cast<decltype(o_tag)*>(out.data_ptr());
+      at::parallel_for(0, d2, 64, [&](int64_t b, int64_t e) {
+        if (!dense_rows(vp, pp, op, atoms, d2, s, words, b, e)) ok = false;
+      });
     });
-  };
-  auto with_output = [&](auto v_tag) {
-    switch (dtype) {
-      case at::kFloat: fill(v_tag, float{}); break;
-      case at::kBFloat16: fill(v_tag, c10::BFloat16{}); break;
-      case at::kHalf: fill(v_tag, c10::Half{}); break;
-      default: TORCH_CHECK(false, "bitmap_dense: dtype must be float32, bfloat16 or float16");
-    }
-  };
-  switch (vals.scalar_type()) {
-    case at::kFloat: with_output(float{}); break;
-    case at::kBFloat16: with_output(c10::BFloat16{}); break;
-    case at::kHalf: with_output(c10::Half{}); break;
-    default: TORCH_CHECK(false, "bitmap_dense: values must be float32, bfloat16 or float16");
-  }
+  });
   TORCH_CHECK(ok.load(), "bitmap_dense: a column of the pattern does not have exactly s = ", s, " bits");
   return out;
 }
