@@ -2,7 +2,8 @@
 than the bf16 walk: z in row pairs, each column's atom pairs with at least one set bit)
 on random, all-ones and single-bit columns, odd k, column counts that leave partial
 groups and blocks, row counts that leave partial tiles; and the register panels of z = x D
-(1-4 rows at a time, whole and partial 128-column panels) for every dictionary width."""
+(one row streamed in parts; 1-4 rows at a time in whole and partial 128-column panels) for every
+dictionary width."""
 
 import pytest
 import torch
@@ -47,18 +48,19 @@ def test_bf16_pair_kernel_equals_brute_force(native, height):
 @pytest.mark.parametrize("dict_dtype", [torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("atoms", [16, 128, 300])
 def test_dictionary_panels_equal_the_product(native, atoms, dict_dtype):
-    """z = x D for 1-8 rows (groups of 4, then 3, 2 or 1) over whole and partial panels,
+    """z = x D for 1-8 rows (one row: D streamed row by row, in parts across threads; more:
+    groups of 4, then 3, 2 or 1) over whole and partial panels,
     then S = I (column j holds atom j alone): y = x D in float32, every column of z checked."""
     g = torch.Generator().manual_seed(atoms)
-    d1 = 40
-    dictionary = torch.randn(d1, atoms, generator=g).to(dict_dtype)
     words = pattern_to_words(torch.arange(atoms)[None, :], atoms)
     values = torch.ones(atoms, 1)
-    for n in range(1, 9):
-        x = torch.randn(n, d1, generator=g)
-        got = native.dict_bitmap(x, dictionary, values, words)
-        expected = x.double() @ dictionary.double()
-        assert got.dtype == torch.float32 and rel(got, expected) < 1e-6, n
+    for d1 in (40, 200):  # one row: 200 rows of D split between threads, their partial z summed
+        dictionary = torch.randn(d1, atoms, generator=g).to(dict_dtype)
+        for n in range(1, 9):
+            x = torch.randn(n, d1, generator=g)
+            got = native.dict_bitmap(x, dictionary, values, words)
+            expected = x.double() @ dictionary.double()
+            assert got.dtype == torch.float32 and rel(got, expected) < 1e-6, (d1, n)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])

@@ -117,7 +117,22 @@ at::Tensor walk_small(const at::Tensor& x, const at::Tensor& dict, const at::Ten
   });
   with_float_type(dict.scalar_type(), "dict_bitmap: the dictionary", [&](auto tag) {
     const auto* dp = reinterpret_cast<const decltype(tag)*>(dict.data_ptr());
-    at::parallel_for(0, k, 128, [&](int64_t b, int64_t e) { dictionary_rows(xf.data(), dp, z.data(), ld, n, d1, k, b, e); });
+    if (n > 1) {
+      at::parallel_for(0, k, 128, [&](int64_t b, int64_t e) {
+        dictionary_rows(xf.data(), dp, z.data(), ld, n, d1, k, b, e);
+      });
+      return;
+    }
+    // one row: each part streams its own rows of D into its own z, then the parts are summed
+    const int64_t parts = std::clamp<int64_t>(at::get_num_threads(), 1, std::max<int64_t>(1, d1 / 64));
+    std::vector<float> partial((parts - 1) * ld, 0.0f);
+    at::parallel_for(0, parts, 1, [&](int64_t b, int64_t e) {
+      for (int64_t p = b; p < e; ++p)
+        dictionary_stream(xf.data(), dp, p == 0 ? z.data() : partial.data() + (p - 1) * ld, k, p * d1 / parts,
+                          (p + 1) * d1 / parts);
+    });
+    for (int64_t p = 1; p < parts; ++p)
+      for (int64_t c = 0; c < k; ++c) z[c] += partial[(p - 1) * ld + c];
   });
   std::atomic<bool> ok{true};
   const auto vals = values.contiguous();

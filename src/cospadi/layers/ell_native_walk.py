@@ -179,6 +179,25 @@ void dictionary_rows(const float* x, const W* dict, float* z, int64_t ldz, int64
     default: break;
   }
 }
+
+// One row of x (decoding): z (k floats, zeroed by the caller) += x[i] D[i, :] for the rows
+// i0..i1 of D, each row read whole and in order, so D streams through memory without
+// partial lines; z stays in L1.
+template <typename W>
+void dictionary_stream(const float* x, const W* dict, float* z, int64_t k, int64_t i0, int64_t i1) {
+  const auto tail = static_cast<__mmask16>(_bzhi_u32(0xFFFFu, static_cast<uint32_t>(k % 16)));
+  const int64_t whole = k - k % 16;
+  for (int64_t i = i0; i < i1; ++i) {
+    const W* row = dict + i * k;
+    const __m512 xi = _mm512_set1_ps(x[i]);
+    int64_t c = 0;
+    for (; c < whole; c += 16)
+      _mm512_storeu_ps(z + c, _mm512_fmadd_ps(xi, load_dict16<false>(row + c, 0xFFFF), _mm512_loadu_ps(z + c)));
+    if (tail)
+      _mm512_mask_storeu_ps(z + c, tail, _mm512_fmadd_ps(xi, load_dict16<true>(row + c, tail),
+                                                         _mm512_maskz_loadu_ps(tail, z + c)));
+  }
+}
 #else
 // Four rows of D are converted per step and applied to every row of x, so z's block
 // (n x 128 floats) is read and written once per four rows of D.
@@ -202,6 +221,12 @@ void dictionary_rows(const float* x, const W* dict, float* z, int64_t ldz, int64
       }
     }
   }
+}
+
+template <typename W>
+void dictionary_stream(const float* x, const W* dict, float* z, int64_t k, int64_t i0, int64_t i1) {
+  for (int64_t i = i0; i < i1; ++i)
+    for (int64_t c = 0; c < k; ++c) z[c] += x[i] * to_float(dict[i * k + c]);
 }
 #endif
 
