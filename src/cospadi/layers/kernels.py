@@ -27,10 +27,10 @@ from .bitmask import words_to_bits, words_to_rows
 
 PATHS = ("auto", "dense", "sparse")
 # input rows (tokens x batch) up to which the CPU takes the sparse path, by compute dtype (others: float32's);
-# at bf16 two idle bench-infer runs measured the sparse / dense whole-model time at 0.49-0.84 up to 8 tokens,
-# 0.91-0.98 at 16 and 32 (the bf16 pair kernel), 0.86 / 1.10 at 64, 0.96 / 0.88 at 128, 1.01 / 1.11 at 512;
-# the switch sits where both runs agree (docs/inference.md)
-SPARSE_MAX_ROWS = {torch.float32: 4096, torch.bfloat16: 32}
+# at bf16 four idle bench-infer runs measured the sparse / dense whole-model time at 0.36-0.91 up to 8 tokens and
+# 0.91-1.11 from 16 to 128 (the bf16 pair kernel, the runs disagreeing), 1.00-1.11 at 512; the switch sits where
+# every run agrees (docs/inference.md)
+SPARSE_MAX_ROWS = {torch.float32: 4096, torch.bfloat16: 8}
 
 
 def max_sparse_rows(dtype: torch.dtype) -> int:
