@@ -8,8 +8,10 @@ library built on first use with the system C++ compiler and cached.
     torch.ops.cospadi_ell.bitmap_dense(values, pattern, k, dtype): S^T (d2, k) for the dense path
 
 z is formed in float32 inside for up to GEMM_ROWS rows, reading D at its stored width (a
-bf16 D in a float32 model is never copied to float32): accumulators in registers, D's
-rows streamed once per group of up to 4 rows of x; longer inputs use torch's GEMM.
+bf16 D in a float32 model is never copied to float32): for one row, D streamed row after
+row (each thread its own rows into its own z, summed at the end); for 2-32 rows,
+accumulators in registers, D's rows streamed once per group of up to 4 rows of x;
+longer inputs use torch's GEMM.
 Values may be float32, bfloat16 or float16; sums run in float32 and y comes back at x's
 dtype. Up to WALK_ROWS rows (8 for a bf16 model) walk each column's 16-bit words: the
 word's popcount(m) next values are placed into the lanes its bits select by one register
