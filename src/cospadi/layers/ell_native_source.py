@@ -88,7 +88,6 @@ SOURCE_OPS = r"""
 at::Tensor bitmap_float(const at::Tensor& zf, const at::Tensor& values, const at::Tensor& pattern) {
   auto vals = values.contiguous();
   auto out = at::empty({zf.size(0), vals.size(0)}, zf.options());
-  if (zf.size(0) == 0 || vals.size(0) == 0) return out;
   with_float_type(vals.scalar_type(), "dict_bitmap: values", [&](auto tag) { run<decltype(tag)>(zf, vals, pattern, out); });
   return out;
 }
@@ -98,9 +97,32 @@ at::Tensor bitmap_float(const at::Tensor& zf, const at::Tensor& values, const at
 at::Tensor bitmap_any(const at::Tensor& z, const at::Tensor& values, const at::Tensor& pattern) {
 #ifdef COSPADI_BF16_PAIRS
   const bool bf16 = z.scalar_type() == at::kBFloat16 && values.scalar_type() == at::kBFloat16;
-  if (z.size(0) > WALK_ROWS_BF16 && values.size(0) > 0 && bf16) return bitmap_pairs(z.contiguous(), values, pattern);
+  if (z.size(0) > WALK_ROWS_BF16 && bf16) return bitmap_pairs(z.contiguous(), values, pattern);
 #endif
   return bitmap_float(z.to(at::kFloat).contiguous(), values, pattern);
+}
+
+// z (n rows, ldz floats apart, zeroed past k by the caller) = x (n, d1) float32 D (d1, k)
+// at D's width. One row: each thread streams its own rows of D into its own z (the parts
+// summed at the end); more rows: register panels, columns split across threads.
+void form_z(const float* x, const at::Tensor& dict, float* z, int64_t ldz, int64_t n) {
+  const int64_t d1 = dict.size(0), k = dict.size(1);
+  with_float_type(dict.scalar_type(), "dict_bitmap: the dictionary", [&](auto tag) {
+    const auto* dp = reinterpret_cast<const decltype(tag)*>(dict.data_ptr());
+    if (n > 1) {
+      at::parallel_for(0, k, 128, [&](int64_t b, int64_t e) { dictionary_rows(x, dp, z, ldz, n, d1, k, b, e); });
+      return;
+    }
+    std::fill(z, z + k, 0.0f);
+    const int64_t parts = std::clamp<int64_t>(at::get_num_threads(), 1, std::max<int64_t>(1, d1 / 64));
+    std::vector<float> partial((parts - 1) * k, 0.0f);
+    at::parallel_for(0, parts, 1, [&](int64_t b, int64_t e) {
+      for (int64_t p = b; p < e; ++p)
+        dictionary_stream(x, dp, p == 0 ? z : partial.data() + (p - 1) * k, k, p * d1 / parts, (p + 1) * d1 / parts);
+    });
+    for (int64_t p = 1; p < parts; ++p)
+      for (int64_t c = 0; c < k; ++c) z[c] += partial[(p - 1) * k + c];
+  });
 }
 
 // Up to the walk's rows (decoding): z = x D in float32, each row whole words long and zero
@@ -115,25 +137,7 @@ at::Tensor walk_small(const at::Tensor& x, const at::Tensor& dict, const at::Ten
     const auto* p = reinterpret_cast<const decltype(tag)*>(xc.data_ptr());
     for (int64_t i = 0; i < n * d1; ++i) xf[i] = to_float(p[i]);
   });
-  with_float_type(dict.scalar_type(), "dict_bitmap: the dictionary", [&](auto tag) {
-    const auto* dp = reinterpret_cast<const decltype(tag)*>(dict.data_ptr());
-    if (n > 1) {
-      at::parallel_for(0, k, 128, [&](int64_t b, int64_t e) {
-        dictionary_rows(xf.data(), dp, z.data(), ld, n, d1, k, b, e);
-      });
-      return;
-    }
-    // one row: each part streams its own rows of D into its own z, then the parts are summed
-    const int64_t parts = std::clamp<int64_t>(at::get_num_threads(), 1, std::max<int64_t>(1, d1 / 64));
-    std::vector<float> partial((parts - 1) * ld, 0.0f);
-    at::parallel_for(0, parts, 1, [&](int64_t b, int64_t e) {
-      for (int64_t p = b; p < e; ++p)
-        dictionary_stream(xf.data(), dp, p == 0 ? z.data() : partial.data() + (p - 1) * ld, k, p * d1 / parts,
-                          (p + 1) * d1 / parts);
-    });
-    for (int64_t p = 1; p < parts; ++p)
-      for (int64_t c = 0; c < k; ++c) z[c] += partial[(p - 1) * ld + c];
-  });
+  form_z(xf.data(), dict, z.data(), ld, n);
   std::atomic<bool> ok{true};
   const auto vals = values.contiguous();
   with_float_type(vals.scalar_type(), "dict_bitmap: values", [&](auto tag) {
@@ -167,7 +171,8 @@ at::Tensor dict_bitmap(const at::Tensor& x, const at::Tensor& dictionary, const 
               pattern.scalar_type() == at::kShort, "dict_bitmap: pattern must be (d2, ceil(k / 16)) int16");
   TORCH_CHECK(x.device().is_cpu() && dictionary.device().is_cpu() && values.device().is_cpu() &&
               pattern.device().is_cpu(), "dict_bitmap: CPU only");
-  if (n == 0 || values.size(0) == 0) return at::zeros({n, values.size(0)}, x.options());  // nothing to walk
+  // no rows or no columns: nothing to walk (the kernels below assume both)
+  if (n == 0 || values.size(0) == 0) return at::zeros({n, values.size(0)}, x.options());
   auto pat = pattern.contiguous();
   auto dict = dictionary.contiguous();
   if (n > GEMM_ROWS)  // z at x's dtype (bf16 products for a bf16 model, as its dense path)
@@ -175,12 +180,7 @@ at::Tensor dict_bitmap(const at::Tensor& x, const at::Tensor& dictionary, const 
   if (n <= (x.scalar_type() == at::kBFloat16 ? WALK_ROWS_BF16 : WALK_ROWS)) return walk_small(x, dict, values, pat);
   auto xf = x.to(at::kFloat).contiguous();
   auto z = at::empty({n, k}, xf.options());
-  with_float_type(dict.scalar_type(), "dict_bitmap: the dictionary", [&](auto tag) {
-    const auto* dp = reinterpret_cast<const decltype(tag)*>(dict.data_ptr());
-    at::parallel_for(0, k, 128, [&](int64_t b, int64_t e) {
-      dictionary_rows(xf.data_ptr<float>(), dp, z.data_ptr<float>(), k, n, d1, k, b, e);
-    });
-  });
+  form_z(xf.data_ptr<float>(), dict, z.data_ptr<float>(), k, n);
   const bool bf16_tiles = x.scalar_type() == at::kBFloat16;  // more rows than its walk: the bf16 kernel
   return bitmap_any(bf16_tiles ? z.to(at::kBFloat16) : z, values, pat).to(x.scalar_type());
 }
