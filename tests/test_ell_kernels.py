@@ -3,7 +3,7 @@ than the bf16 walk: z in row pairs, each column's atom pairs with at least one s
 on random, all-ones and single-bit columns, odd k, column counts that leave partial
 groups and blocks, row counts that leave partial tiles; and the register panels of z = x D
 (one row streamed in parts; 1-4 rows at a time in whole and partial 128-column panels) for every
-dictionary width."""
+dictionary width; the float32 GEMM on a dictionary padded to whole words of columns."""
 
 import pytest
 import torch
@@ -73,3 +73,28 @@ def test_no_rows_and_no_columns_give_empty_outputs(native, dtype):
     assert got.shape == (0, 6) and got.dtype == dtype
     got = native.dict_bitmap(torch.randn(3, 8).to(dtype), dictionary, values[:0], words[:0])
     assert got.shape == (3, 0) and got.dtype == dtype
+
+
+@pytest.mark.parametrize("dict_dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("atoms", [37, 48])
+def test_float32_gemm_on_a_padded_dictionary_equals_the_product(native, atoms, dict_dtype):
+    """From kernels.PAD_ROWS rows on (and whenever D is held narrower), a float32 z = x D runs
+    on D zero-padded to whole words of columns: both paths still give x D S for k off and on a
+    multiple of 16, below and above the threshold; gemm_dictionary pads with zeros only."""
+    from cospadi.layers import kernels
+
+    g = torch.Generator().manual_seed(atoms)
+    s, d2 = 5, 23
+    rows = torch.stack([torch.randperm(atoms, generator=g)[:s].sort().values for _ in range(d2)], 1)
+    words, values = pattern_to_words(rows, atoms), torch.randn(d2, s, generator=g)
+    dictionary = torch.randn(30, atoms, generator=g).to(dict_dtype)
+    dense_s = torch.zeros(atoms, d2, dtype=torch.float64).scatter(0, rows, values.T.double())
+    for n in (kernels.PAD_ROWS - 1, kernels.PAD_ROWS + 3):
+        x = torch.randn(n, 30, generator=g)
+        expected = x.double() @ dictionary.double() @ dense_s
+        wide = kernels.gemm_dictionary(dictionary, torch.float32, words.shape[1], n)
+        padded = atoms % 16 != 0 and (dict_dtype != torch.float32 or n >= kernels.PAD_ROWS)
+        assert wide.shape == (30, 48 if padded else atoms) and wide.dtype == torch.float32
+        assert torch.equal(wide[:, :atoms], dictionary.float()) and not wide[:, atoms:].any()
+        assert rel(native.dict_bitmap(x, dictionary, values, words), expected) < 1e-5, n
+        assert rel(kernels.dense_forward(x, dictionary, values, words, None), expected) < 1e-5, n

@@ -30,6 +30,7 @@ constexpr int64_t TILE = 16;  // rows of z per multiply-add in the batched kerne
 constexpr int64_t BLOCK = 64;  // columns whose rows are decoded together in the batched kernel
 constexpr int WALK_ROWS = 16;  // up to this many rows the bit walk runs (float32 products); above it the tiles
 constexpr int WALK_ROWS_BF16 = 8;  // the same for a bf16 model: above it the bf16 pair kernel (ell_native_pairs.py)
+constexpr int64_t PAD_ROWS = 256;  // from this many rows a float32 D is padded for the GEMM (gemm_z)
 constexpr int64_t GEMM_ROWS = 32;  // above this many rows, z = x D goes to torch's GEMM (a float32 copy of D)
 typedef float v16f __attribute__((vector_size(64)));  // one AVX-512 register of floats (TILE of them)
 inline v16f load16(const float* p) {
@@ -125,6 +126,23 @@ void form_z(const float* x, const at::Tensor& dict, float* z, int64_t ldz, int64
   });
 }
 
+// z = x D (n, k or words * 16) at x's dtype by torch's GEMM, on a copy of D at x's dtype.
+// At float32 the copy is zero-padded to whole words of columns: torch's float32 GEMM ran
+// 1.2-1.5x slower per column here when the column count was off a multiple of 8 (339 or 460
+// atoms against 344 or 464). A float32 D is copied only for PAD_ROWS rows or more (the copy
+// then costs a few percent of the product). The padded columns of z are zero and no bit
+// selects them.
+at::Tensor gemm_z(const at::Tensor& x, const at::Tensor& dict, int64_t words) {
+  const int64_t k = dict.size(1), padded = words * WORD;
+  const bool copied = dict.scalar_type() != x.scalar_type();
+  if (x.scalar_type() != at::kFloat || k == padded || (!copied && x.size(0) < PAD_ROWS))
+    return at::mm(x.contiguous(), dict.to(x.scalar_type()));
+  auto wide = at::empty({dict.size(0), padded}, x.options());
+  wide.narrow(1, 0, k).copy_(dict);
+  wide.narrow(1, k, padded - k).zero_();
+  return at::mm(x.contiguous(), wide);
+}
+
 // Up to the walk's rows (decoding): z = x D in float32, each row whole words long and zero
 // past k, then the bit walk of every column, in buffers of this call (the only tensor made
 // is y, at x's dtype).
@@ -176,7 +194,7 @@ at::Tensor dict_bitmap(const at::Tensor& x, const at::Tensor& dictionary, const 
   auto pat = pattern.contiguous();
   auto dict = dictionary.contiguous();
   if (n > GEMM_ROWS)  // z at x's dtype (bf16 products for a bf16 model, as its dense path)
-    return bitmap_any(at::mm(x.contiguous(), dict.to(x.scalar_type())), values, pat).to(x.scalar_type());
+    return bitmap_any(gemm_z(x, dict, pat.size(1)), values, pat).to(x.scalar_type());
   if (n <= (x.scalar_type() == at::kBFloat16 ? WALK_ROWS_BF16 : WALK_ROWS)) return walk_small(x, dict, values, pat);
   auto xf = x.to(at::kFloat).contiguous();
   auto z = at::empty({n, k}, xf.options());

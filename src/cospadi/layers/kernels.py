@@ -31,6 +31,7 @@ PATHS = ("auto", "dense", "sparse")
 # 0.91-1.11 from 16 to 128 (the bf16 pair kernel, the runs disagreeing), 1.00-1.11 at 512; the switch sits where
 # every run agrees (docs/inference.md)
 SPARSE_MAX_ROWS = {torch.float32: 4096, torch.bfloat16: 8}
+PAD_ROWS = 256  # from this many rows a float32 D is padded for torch's GEMM (gemm_dictionary)
 
 
 def max_sparse_rows(dtype: torch.dtype) -> int:
@@ -58,11 +59,25 @@ def scatter_dense(values: torch.Tensor, pattern: torch.Tensor, atoms: int, dtype
     return buffer.masked_scatter(words_to_bits(pattern, atoms), values.to(dtype))
 
 
+def gemm_dictionary(dictionary: torch.Tensor, dtype: torch.dtype, words: int, rows: int) -> torch.Tensor:
+    """D (d1, k) at `dtype` for torch's GEMM over `rows` input rows: on the CPU at float32,
+    zero-padded to 16 * words columns when a copy is made anyway (D held narrower) or from
+    PAD_ROWS rows on, since torch's float32 GEMM ran 1.2-1.5x slower per column here with a
+    column count off a multiple of 8 (the compiled operator's gemm_z does the same)."""
+    atoms, wide = dictionary.shape[1], 16 * words
+    copied = dictionary.dtype != dtype
+    if dtype != torch.float32 or not dictionary.is_cpu or atoms == wide or (not copied and rows < PAD_ROWS):
+        return dictionary.to(dtype)
+    return F.pad(dictionary.to(dtype), (0, wide - atoms))
+
+
 def dense_forward(x: torch.Tensor, dictionary: torch.Tensor, values: torch.Tensor, pattern: torch.Tensor,
                   bias: torch.Tensor | None) -> torch.Tensor:
-    """x (n, d1), dictionary (d1, k) (cast to x's dtype for the call when held narrower),
-    values (d2, s) and pattern (d2, ceil(k / 16)). Returns (n, d2) at x's dtype."""
-    return F.linear(x @ dictionary.to(x.dtype), scatter_dense(values, pattern, dictionary.shape[1], x.dtype), bias)
+    """x (n, d1), dictionary (d1, k) (cast to x's dtype for the call when held narrower,
+    padded as gemm_dictionary says), values (d2, s) and pattern (d2, ceil(k / 16)).
+    Returns (n, d2) at x's dtype."""
+    z = x @ gemm_dictionary(dictionary, x.dtype, pattern.shape[1], x.shape[0])
+    return F.linear(z, scatter_dense(values, pattern, z.shape[1], x.dtype), bias)
 
 
 def ell_matmul_reference(z: torch.Tensor, values: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
