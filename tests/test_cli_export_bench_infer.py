@@ -79,6 +79,7 @@ def test_compress_with_compact_storage_then_eval_and_export(files, tmp_path, cap
     (["bench-infer", "--repeats", "0"], "--repeats"),
     (["bench-infer", "--storage-dtype", "int4"], "dtype"),
     (["bench-infer", "--ratio", "1.5"], "ratio"),
+    (["bench-infer", "--rho", "0.5"], "rho"),
 ])
 def test_bad_export_and_bench_infer_input_exits_2(argv, word, files, tmp_path, capsys):
     parent = tmp_path / "outs"

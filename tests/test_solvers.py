@@ -11,6 +11,7 @@ from hypothesis import strategies as st
 
 from cospadi.budget import DictBudget, LowRankBudget, dict_budget, lowrank_budget, ratios
 from cospadi.errors import CospadiError
+from cospadi.solvers.options import SolverOptions
 from cospadi.solvers import (
     PAPER,
     SparseDictFactors,
@@ -154,6 +155,8 @@ def test_bad_ratio_raises(ratio):
 def test_bad_rho_raises(rho):
     with pytest.raises(CospadiError):
         dict_budget(64, 64, 0.3, rho)
+    with pytest.raises(CospadiError, match="rho"):  # refused when the options are made, before any work
+        SolverOptions(rho=rho)
 
 
 def test_budget_too_small_raises():

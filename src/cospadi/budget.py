@@ -65,9 +65,11 @@ def check_ratio(ratio: float) -> None:
 
 
 def check_rho(rho: float) -> None:
-    """Raise CospadiError unless rho > 0."""
+    """Raise CospadiError unless rho is a finite number >= 1 (s <= k)."""
     if not (isinstance(rho, (int, float)) and rho > 0 and math.isfinite(rho)):
         raise CospadiError(f"rho {rho!r} must be a positive number (atoms per nonzero, k / s); the paper's default is 2")
+    if rho < 1:
+        raise CospadiError(f"rho {rho} < 1 would need more nonzeros than atoms per column: use rho >= 1")
 
 
 def check_members(members: int) -> None:
@@ -92,8 +94,6 @@ def dict_budget(d1: int, d2: int, ratio: float, rho: float = 2.0, members: int =
     check_ratio(ratio)
     check_rho(rho)
     check_members(members)
-    if rho < 1:
-        raise CospadiError(f"rho {rho} < 1 would need more nonzeros than atoms per column: use rho >= 1")
     atoms = math.floor((1.0 - ratio) * members * d1 * d2 / (d1 + members * d2 / rho) + 1e-9)
     sparsity = math.floor(atoms / rho + 1e-9)
     if sparsity < 1:

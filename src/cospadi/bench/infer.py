@@ -320,6 +320,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--repeats", type=int, default=d.repeats, help="timed runs per figure (the median is kept)")
     p.add_argument("--threads", type=int, default=d.threads, help="torch CPU threads of the measured processes")
     add_update_arg(p)
+    p.add_argument("--rho", type=float, default=SolverOptions().rho,
+                   help="atoms per stored value of S (k / s) of the cospadi model: below 2, fewer atoms and fewer "
+                        "multiply-adds for a long input at the same bytes")
     p.add_argument("--no-dense-path-row", action="store_true", help="skip the cospadi row with the dense path forced")
     p.add_argument("--profile", action="store_true",
                    help="add torch.profiler tables of cospadi's decode and prefill and of dense's decode")
@@ -340,4 +343,4 @@ def from_args(args: argparse.Namespace) -> InferBench:
                       seed=args.seed, prompt_len=args.prompt_len, new_tokens=args.new_tokens,
                       prefill_len=args.prefill_len, batches=batches, repeats=args.repeats, threads=args.threads,
                       dense_path_row=not args.no_dense_path_row, profile=args.profile,
-                      options=SolverOptions(update=args.update))
+                      options=SolverOptions(update=args.update, rho=args.rho))
