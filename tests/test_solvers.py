@@ -11,7 +11,6 @@ from hypothesis import strategies as st
 
 from cospadi.budget import DictBudget, LowRankBudget, dict_budget, lowrank_budget, ratios
 from cospadi.errors import CospadiError
-from cospadi.solvers.options import SolverOptions
 from cospadi.solvers import (
     PAPER,
     SparseDictFactors,
@@ -25,6 +24,7 @@ from cospadi.solvers import (
     unwhiten,
     whiten,
 )
+from cospadi.solvers.options import SolverOptions
 
 F64 = torch.float64
 
