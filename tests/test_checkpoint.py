@@ -316,3 +316,31 @@ def test_float32_load_of_a_compact_folder_releases_the_weight_file(tmp_path, com
     assert release_weight_files(loaded) == 0  # nothing left to copy
     reference, _ = cospadi.load(tmp_path / "out", dtype="float32")
     assert torch.equal(logits(loaded, ids(3)), logits(reference, ids(3)))
+
+
+def test_float_tensors_left_on_the_weight_file_are_copied_so_the_mapping_closes(tmp_path):
+    """A same-dtype load leaves the float tensors whose file offsets are aligned as views of
+    the memory-mapped .safetensors file; release_weight_files copies them (and any buffer)
+    into memory of their own, with the same values, so no tensor keeps the mapping."""
+    from safetensors.torch import save_file
+
+    from cospadi.storage.memory import _mapped_weight_files, release_weight_files
+
+    weight = torch.randn(16, 8).to(torch.bfloat16)
+    path = tmp_path / "w.safetensors"
+    save_file({"weight": weight, "other": torch.arange(4, dtype=torch.int16)}, str(path))
+    raw = path.read_bytes()
+    size = int.from_bytes(raw[:8], "little")
+    begin, end = json.loads(raw[8:8 + size])["weight"]["data_offsets"]
+    mapped = torch.from_file(str(path), shared=False, size=len(raw), dtype=torch.uint8)  # a real file mapping
+    module = torch.nn.Linear(8, 16, bias=False).to(torch.bfloat16)
+    module.weight.data = mapped[8 + size + begin:8 + size + end].view(torch.bfloat16).view(16, 8)
+    assert torch.equal(module.weight.data, weight)
+
+    def inside(t: torch.Tensor) -> bool:
+        return any(low <= t.data_ptr() < high for low, high in _mapped_weight_files())
+
+    assert inside(module.weight)
+    assert release_weight_files(module) == weight.numel() * 2
+    assert not inside(module.weight) and torch.equal(module.weight.data, weight)
+    assert release_weight_files(module) == 0

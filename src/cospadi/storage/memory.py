@@ -46,12 +46,13 @@ def _mapped_weight_files() -> list[tuple[int, int]]:
 
 @torch.no_grad()
 def release_weight_files(model: nn.Module) -> int:
-    """When the model's float tensors were all converted on load (e.g. a bf16 folder loaded
-    at fp32) and only non-float buffers (the bitmask, the packed 14-bit values) still point
-    into the memory-mapped weight file, copy those buffers so the mapping can close: every
-    page of it was read during loading, and while one tensor refers to it, all of them stay
-    resident (about the folder's size). Where float tensors use the file directly (a
-    same-dtype load), nothing is copied: the model then runs on the mapping itself.
+    """Copy every parameter and buffer that still points into a memory-mapped .safetensors
+    file (a same-dtype load leaves the float tensors whose offsets happen to be aligned as
+    views of the file; the bitmask and packed values too before prepare()) into memory of
+    its own, so the mapping can close. While one tensor refers to it, every page of the
+    file read during loading stays resident, the packed forms of S that prepare() already
+    converted included: a bf16 SmolLM2 folder at ratio 0.3 whose tensors were all aligned
+    peaked at 697 MiB while generating against 622 for one whose tensors were not.
     Returns the bytes copied."""
     ranges = _mapped_weight_files()
     if not ranges:
@@ -60,20 +61,16 @@ def release_weight_files(model: nn.Module) -> int:
     def mapped(tensor: torch.Tensor) -> bool:
         return tensor.device.type == "cpu" and any(low <= tensor.data_ptr() < high for low, high in ranges)
 
-    tensors = [(module, name, tensor, kind) for module in model.modules()
-               for kind, items in (("param", module.named_parameters(recurse=False)),
-                                   ("buffer", module.named_buffers(recurse=False)))
-               for name, tensor in items if tensor is not None]
-    aliased = [entry for entry in tensors if mapped(entry[2])]
-    if any(entry[2].is_floating_point() for entry in aliased):
-        return 0
     copied = 0
-    for module, name, tensor, kind in aliased:
-        if kind == "param":
-            tensor.data = tensor.data.clone()
-        else:
-            module._buffers[name] = tensor.clone()
-        copied += tensor.numel() * tensor.element_size()
+    for module in model.modules():
+        for param in module.parameters(recurse=False):
+            if mapped(param):
+                param.data = param.data.clone()
+                copied += param.numel() * param.element_size()
+        for name, buffer in module.named_buffers(recurse=False):
+            if buffer is not None and mapped(buffer):
+                module._buffers[name] = buffer.clone()
+                copied += buffer.numel() * buffer.element_size()
     return copied
 
 
