@@ -138,7 +138,7 @@ def test_bench_infer_measures_three_models_and_writes_one_section(files, tmp_pat
         assert all(float(c) > 0 for i, c in enumerate(values) if i not in runtime), (key, values)
     assert "linear-weight bytes" in section and "prefill batch 2" in section and "decode vs svd-llm" in section
     assert "peak RSS generating" in section and section.count("sparse / dense") == 2
-    assert "| 64 |" in section and "Load average" in section
+    assert "| 64 |" in section and "Load average" in section and "cospadi with rho=2 and update=" in section
     folders = sorted(p.name for p in next(work.iterdir()).iterdir())
     assert folders == ["cospadi", "dense", "svd-llm"]
 
