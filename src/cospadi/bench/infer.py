@@ -39,6 +39,8 @@ from ..storage.folder_checks import check_safetensors, read_config, weight_files
 from .sweep import write_section
 
 TARGETS = {"linear bytes": 0.71, "decode": 1.4, "prefill": 1.0, "peak memory": 0.85}  # vs dense (issue 15)
+# the two prefill measurements: figure name -> the worker's timings (infer_worker.Runner.prefill / first_token)
+PREFILL_KINDS = {"prefill": "prefill_s", "first token": "first_token_s"}
 
 
 @dataclass(frozen=True)
@@ -192,7 +194,7 @@ def table_rows(bench: InferBench, dtype: str, results: dict[str, dict]) -> list[
     ratio to dense."""
     def speeds(r: dict) -> dict[str, float]:
         out = {"decode": bench.new_tokens / statistics.median(r["decode_s"])}
-        for kind, key in (("prefill", "prefill_s"), ("first token", "first_token_s")):
+        for kind, key in PREFILL_KINDS.items():
             for batch, times in r[key].items():
                 out[f"{kind} b{batch}"] = int(batch) * bench.prefill_len / statistics.median(times)
         return out
@@ -205,7 +207,7 @@ def table_rows(bench: InferBench, dtype: str, results: dict[str, dict]) -> list[
                "x dense": round(r["linear_bytes"] / dense["linear_bytes"], 3),
                "folder (MB)": round(r["folder_bytes"] / 1e6, 1),
                "decode (tok/s)": round(s["decode"], 2), "decode x dense": round(s["decode"] / dense_speed["decode"], 3)}
-        for name in (f"{kind} b{batch}" for kind in ("prefill", "first token") for batch in bench.batches):
+        for name in (f"{kind} b{batch}" for kind in PREFILL_KINDS for batch in bench.batches):
             row[f"{name} (tok/s)"] = round(s[name], 1)
             row[f"{name} x dense"] = round(s[name] / dense_speed[name], 3)
         row["peak RSS generating (MiB)"] = round(r["peak_rss_mib"])
@@ -231,7 +233,7 @@ def verdicts(bench: InferBench, rows: list[dict]) -> list[str]:
         if lowrank is not None:
             checks.append(("decode vs svd-llm", round(row["decode x dense"] / lowrank["decode x dense"], 3), ">=", 1.0))
         checks += [(f"{kind} batch {batch}", row[f"{kind} b{batch} x dense"], ">=", TARGETS["prefill"])
-                   for kind in ("prefill", "first token") for batch in bench.batches]
+                   for kind in PREFILL_KINDS for batch in bench.batches]
         checks.append(("peak RSS generating", row["peak RSS x dense"], "<=", TARGETS["peak memory"]))
         if "above runtime x dense" in row:
             checks.append(("peak RSS above the runtime", row["above runtime x dense"], "<=", TARGETS["peak memory"]))

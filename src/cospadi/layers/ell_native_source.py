@@ -9,6 +9,10 @@ from .ell_native_pairs import PAIRS_SOURCE
 from .ell_native_tiles import TILES_SOURCE
 from .ell_native_walk import WALK_SOURCE
 
+# from this many input rows a float32 D held at float32 is zero-padded for torch's GEMM of z = x D (the
+# operator's gemm_z and kernels.gemm_dictionary read this one value)
+PAD_ROWS = 256
+
 SOURCE_HEAD = r"""
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
@@ -30,7 +34,7 @@ constexpr int64_t TILE = 16;  // rows of z per multiply-add in the batched kerne
 constexpr int64_t BLOCK = 64;  // columns whose rows are decoded together in the batched kernel
 constexpr int WALK_ROWS = 16;  // up to this many rows the bit walk runs (float32 products); above it the tiles
 constexpr int WALK_ROWS_BF16 = 8;  // the same for a bf16 model: above it the bf16 pair kernel (ell_native_pairs.py)
-constexpr int64_t PAD_ROWS = 256;  // from this many rows a float32 D is padded for the GEMM (gemm_z)
+constexpr int64_t PAD_ROWS = @PAD_ROWS@;  // from this many rows a float32 D is padded for the GEMM (gemm_z)
 constexpr int64_t GEMM_ROWS = 32;  // above this many rows, z = x D goes to torch's GEMM (a float32 copy of D)
 typedef float v16f __attribute__((vector_size(64)));  // one AVX-512 register of floats (TILE of them)
 inline v16f load16(const float* p) {
@@ -241,4 +245,4 @@ TORCH_LIBRARY_IMPL(cospadi_ell, CPU, m) {
 }
 """
 
-SOURCE = SOURCE_HEAD + WALK_SOURCE + TILES_SOURCE + PAIRS_SOURCE + SOURCE_OPS
+SOURCE = SOURCE_HEAD.replace("@PAD_ROWS@", str(PAD_ROWS)) + WALK_SOURCE + TILES_SOURCE + PAIRS_SOURCE + SOURCE_OPS

@@ -24,14 +24,14 @@ import torch.nn.functional as F
 
 from . import ell_native
 from .bitmask import words_to_bits, words_to_rows
+from .ell_native_source import PAD_ROWS
 
 PATHS = ("auto", "dense", "sparse")
 # input rows (tokens x batch) up to which the CPU takes the sparse path, by compute dtype (others: float32's);
-# at bf16 four idle bench-infer runs measured the sparse / dense whole-model time at 0.36-0.91 up to 8 tokens and
-# 0.91-1.11 from 16 to 128 (the bf16 pair kernel, the runs disagreeing), 1.00-1.11 at 512; the switch sits where
+# at bf16 six idle bench-infer runs measured the sparse / dense whole-model time at 0.26-0.91 up to 8 tokens and
+# 0.60-1.11 from 16 to 128 (the bf16 pair kernel, the runs disagreeing), 1.00-1.15 at 512; the switch sits where
 # every run agrees (docs/inference.md)
 SPARSE_MAX_ROWS = {torch.float32: 4096, torch.bfloat16: 8}
-PAD_ROWS = 256  # from this many rows a float32 D is padded for torch's GEMM (gemm_dictionary)
 
 
 def max_sparse_rows(dtype: torch.dtype) -> int:
