@@ -1,7 +1,7 @@
-"""The compiled kernels' inner paths against brute force: the bf16 pair kernel (more rows
-than the bf16 walk: z in row pairs, each column's atom pairs with at least one set bit)
-on random, all-ones and single-bit columns, odd k, column counts that leave partial
-groups and blocks, row counts that leave partial tiles; and the register panels of z = x D
+"""The compiled kernels' inner paths against brute force: the bf16 panels (more rows than
+the bf16 walk: 48-column panels of S decoded into atom pairs, 8 rows of z at a time) on
+random, all-ones and single-bit columns, odd k, k under and over whole 16-pair blocks,
+column counts that leave partial panels, row counts that leave runs of 4, 2 and 1; and the register panels of z = x D
 (one row streamed in parts; 1-4 rows at a time in whole and partial 128-column panels) for every
 dictionary width; the float32 GEMM on a dictionary padded to whole words of columns."""
 
@@ -27,22 +27,38 @@ def bf16_exact(shape: tuple[int, ...], g: torch.Generator) -> torch.Tensor:
 
 
 @pytest.mark.parametrize("height", [1, 2, 17, 33, 100])
-def test_bf16_pair_kernel_equals_brute_force(native, height):
-    """x bf16 with D = I: rows 9-32 reach the pairs through the float32 panels, more rows
-    through torch's GEMM; y is the exact sum rounded once to bf16."""
+def test_bf16_panels_equal_brute_force(native, height):
+    """x bf16 with D = I: rows 9-32 reach the panels through z = x D in float32 registers,
+    more rows through torch's GEMM; y is the exact sum rounded once to bf16."""
     g = torch.Generator().manual_seed(height)
     eye = torch.eye(height, dtype=torch.bfloat16)
     for s in sorted({1, max(1, height // 2), height}):  # single-bit, half and all-ones columns
-        for width in (1, 5, 67):  # partial groups of 4 columns; a partial block of 64
+        for width in (1, 5, 48, 67):  # one partial panel of 48 columns, one whole, a whole and a partial
             rows = torch.stack([torch.randperm(height, generator=g)[:s].sort().values for _ in range(width)], 1)
             words = pattern_to_words(rows, height)
             values = bf16_exact((width, s), g)
-            for n in (9, 31, 33, 70):  # partial tiles of 16 rows and runs of 32
+            for n in (9, 31, 33, 70):  # 8 + 1, 24 + 4 + 2 + 1, 32 + 1, 64 + 4 + 2 rows
                 z = bf16_exact((n, height), g)
                 got = native.dict_bitmap(z, eye, values, words)
                 expected = brute_force_product(z, values, words, height)
                 assert got.dtype == torch.bfloat16 and got.shape == (n, width)
                 assert torch.equal(got, expected.to(torch.bfloat16)) or rel(got, expected) < 4e-3, (s, width, n)
+
+
+@pytest.mark.parametrize("atoms", [32768, 32769])
+def test_bf16_panels_at_the_int16_limit(native, atoms):
+    """k at and past the old int16 limit (16384 atom pairs, the last one half empty at odd k):
+    x D S through the panels equals the float64 product up to bf16 rounding of z and y."""
+    g = torch.Generator().manual_seed(atoms)
+    rows = torch.stack([torch.cat([torch.tensor([0]), torch.randperm(atoms - 2, generator=g)[:5].sort().values + 1,
+                                   torch.tensor([atoms - 1])]) for _ in range(50)], 1)
+    words, values = pattern_to_words(rows, atoms), bf16_exact((50, 7), g)
+    dictionary = bf16_exact((4, atoms), g)
+    for n in (9, 40):  # z in float32 registers, then torch's GEMM
+        x = bf16_exact((n, 4), g)
+        got = native.dict_bitmap(x, dictionary, values, words)
+        expected = brute_force_product(x.double() @ dictionary.double(), values, words, atoms)
+        assert got.dtype == torch.bfloat16 and rel(got, expected) < 2e-2, n
 
 
 @pytest.mark.parametrize("dict_dtype", [torch.float32, torch.bfloat16, torch.float16])

@@ -6,6 +6,7 @@ library built on first use with the system C++ compiler and cached.
         z = x D                                                x (n, d1), D (d1, k)
         y[r, j] = sum over column j's set bits i (t-th of them) of values[j, t] z[r, i]
     torch.ops.cospadi_ell.bitmap_dense(values, pattern, k, dtype): S^T (d2, k) for the dense path
+    torch.ops.cospadi_ell.bf16_panels(): whether this build has the bf16 panels
 
 z is formed in float32 inside for up to GEMM_ROWS rows, reading D at its stored width (a
 bf16 D in a float32 model is never copied to float32): for one row, D streamed row after
@@ -18,10 +19,11 @@ word's popcount(m) next values are placed into the lanes its bits select by one 
 `vpexpandw`/`vexpandps` (AVX-512 VBMI2) and multiply-added against 16 contiguous floats of
 each row of z, no gather and no index. More rows: at float32, a block of 64 columns' rows
 is decoded from the bits (`vpcompressd`) into a scratch buffer, then 16-row tiles of a
-transposed z run; for a bf16 model on a CPU with AVX-512 BF16, z is laid out in atom
-pairs and every pair of atoms with a set bit in a column is one `vdpbf16ps` over 16 rows
-(ell_native_pairs.py). Without AVX-512 VBMI2 the walks run as scalar tzcnt/blsr bit
-walks. Every call checks that each column has exactly s bits (RuntimeError otherwise).
+transposed z run; for a bf16 model on a CPU with AVX-512 BF16, panels of 48 columns of S
+are decoded from the bits into atom-pair order and run as a register-tiled GEMM with
+`vdpbf16ps` against z as it is (ell_native_panels.py; S^T is never materialised). Without
+AVX-512 VBMI2 the walks run as scalar tzcnt/blsr bit walks. Every call checks that each
+column has exactly s bits (RuntimeError otherwise).
 Threads: torch's own (at::parallel_for over the columns of z and of y).
 
 `load()` returns the operator namespace, or None when there is no compiler, the build
@@ -108,3 +110,11 @@ def load() -> Any:
         warnings.warn(f"cospadi: the compiled sparse kernel is unavailable ({(detail or ['?'])[0]}); "
                       "using the PyTorch fallback", RuntimeWarning, stacklevel=2)
         return None
+
+
+@cache
+def has_bf16_panels() -> bool:
+    """Whether the compiled kernels are loaded and have the bf16 panels (the CPU has AVX-512
+    BF16): the sparse path of a bf16 model then takes many rows too (kernels.max_sparse_rows)."""
+    op = load()
+    return op is not None and bool(op.bf16_panels())

@@ -3,9 +3,9 @@ the algorithms are described there and in docs/inference.md), in four parts: thi
 head (includes, constants, the pattern's bit counts) and operators (dict_bitmap,
 bitmap_dense and their dispatch), ell_native_walk.py (up to a few rows: z = x D in
 registers, then the bit walk), ell_native_tiles.py (more rows at float32, and S^T for
-the dense path) and ell_native_pairs.py (more rows at bf16)."""
+the dense path) and ell_native_panels.py (more rows at bf16)."""
 
-from .ell_native_pairs import PAIRS_SOURCE
+from .ell_native_panels import PANELS_SOURCE
 from .ell_native_tiles import TILES_SOURCE
 from .ell_native_walk import WALK_SOURCE
 
@@ -33,7 +33,7 @@ constexpr int64_t WORD = 16;  // bits per word of the pattern: column j's rows 1
 constexpr int64_t TILE = 16;  // rows of z per multiply-add in the batched kernel
 constexpr int64_t BLOCK = 64;  // columns whose rows are decoded together in the batched kernel
 constexpr int WALK_ROWS = 16;  // up to this many rows the bit walk runs (float32 products); above it the tiles
-constexpr int WALK_ROWS_BF16 = 8;  // the same for a bf16 model: above it the bf16 pair kernel (ell_native_pairs.py)
+constexpr int WALK_ROWS_BF16 = 8;  // the same for a bf16 model: above it the bf16 panels (ell_native_panels.py)
 constexpr int64_t PAD_ROWS = @PAD_ROWS@;  // from this many rows a float32 D is padded for the GEMM (gemm_z)
 constexpr int64_t GEMM_ROWS = 32;  // above this many rows, z = x D goes to torch's GEMM (a float32 copy of D)
 typedef float v16f __attribute__((vector_size(64)));  // one AVX-512 register of floats (TILE of them)
@@ -97,12 +97,12 @@ at::Tensor bitmap_float(const at::Tensor& zf, const at::Tensor& values, const at
   return out;
 }
 
-// y (n, d2) from z (n, k): bf16 pair products (y in bf16) when z and the values are bf16,
+// y (n, d2) from z (n, k): bf16 dot products (y in bf16) when z and the values are bf16,
 // there are several rows and the CPU has AVX-512 BF16; float32 products (y in float32) otherwise.
 at::Tensor bitmap_any(const at::Tensor& z, const at::Tensor& values, const at::Tensor& pattern) {
-#ifdef COSPADI_BF16_PAIRS
+#ifdef COSPADI_BF16_PANELS
   const bool bf16 = z.scalar_type() == at::kBFloat16 && values.scalar_type() == at::kBFloat16;
-  if (z.size(0) > WALK_ROWS_BF16 && bf16) return bitmap_pairs(z.contiguous(), values, pattern);
+  if (z.size(0) > WALK_ROWS_BF16 && bf16) return bitmap_panels(z, values, pattern);
 #endif
   return bitmap_float(z.to(at::kFloat).contiguous(), values, pattern);
 }
@@ -197,6 +197,7 @@ at::Tensor dict_bitmap(const at::Tensor& x, const at::Tensor& dictionary, const 
   if (n == 0 || values.size(0) == 0) return at::zeros({n, values.size(0)}, x.options());
   auto pat = pattern.contiguous();
   auto dict = dictionary.contiguous();
+  const bool bf16_x = x.scalar_type() == at::kBFloat16;
   if (n > GEMM_ROWS)  // z at x's dtype (bf16 products for a bf16 model, as its dense path)
     return bitmap_any(gemm_z(x, dict, pat.size(1)), values, pat).to(x.scalar_type());
   if (n <= (x.scalar_type() == at::kBFloat16 ? WALK_ROWS_BF16 : WALK_ROWS)) return walk_small(x, dict, values, pat);
@@ -225,7 +226,7 @@ at::Tensor bitmap_dense(const at::Tensor& values, const at::Tensor& pattern, int
       const auto* vp = reinterpret_cast<const decltype(v_tag)*>(vals.data_ptr());
       auto* op = reinterpret_cast<decltype(o_tag)*>(out.data_ptr());
       at::parallel_for(0, d2, 64, [&](int64_t b, int64_t e) {
-        if (!dense_rows(vp, pp, op, atoms, d2, s, words, b, e)) ok = false;
+        if (!dense_rows(vp, pp, op + b * atoms, atoms, d2, s, words, b, e, atoms)) ok = false;
       });
     });
   });
@@ -233,11 +234,22 @@ at::Tensor bitmap_dense(const at::Tensor& values, const at::Tensor& pattern, int
   return out;
 }
 
+// Whether this build has the bf16 panels (the CPU has AVX-512 BF16): without them a bf16
+// model's many-row sparse path would run float32 products.
+bool bf16_panels() {
+#ifdef COSPADI_BF16_PANELS
+  return true;
+#else
+  return false;
+#endif
+}
+
 }  // namespace
 
 TORCH_LIBRARY(cospadi_ell, m) {
   m.def("dict_bitmap(Tensor x, Tensor dictionary, Tensor values, Tensor pattern) -> Tensor");
   m.def("bitmap_dense(Tensor values, Tensor pattern, int atoms, ScalarType dtype) -> Tensor");
+  m.def("bf16_panels", &bf16_panels);  // no tensor argument: a catch-all kernel
 }
 TORCH_LIBRARY_IMPL(cospadi_ell, CPU, m) {
   m.impl("dict_bitmap", &dict_bitmap);
@@ -245,4 +257,4 @@ TORCH_LIBRARY_IMPL(cospadi_ell, CPU, m) {
 }
 """
 
-SOURCE = SOURCE_HEAD.replace("@PAD_ROWS@", str(PAD_ROWS)) + WALK_SOURCE + TILES_SOURCE + PAIRS_SOURCE + SOURCE_OPS
+SOURCE = SOURCE_HEAD.replace("@PAD_ROWS@", str(PAD_ROWS)) + WALK_SOURCE + TILES_SOURCE + PANELS_SOURCE + SOURCE_OPS

@@ -33,9 +33,9 @@ bool column_rows(const uint16_t* pat, int64_t words, int64_t k, int64_t s, int64
   return true;
 }
 
-// S^T as a dense (d2, k) row block: row j holds column j's values at its set bits, zero
-// elsewhere; columns begin..end, values V, output O (float32, bf16 or fp16). Returns false
-// when a column does not have exactly s bits.
+// S^T's rows begin..end (out: row `begin`, rows ld apart, ld >= k): row j holds column j's
+// values at its set bits, zero elsewhere up to k; values V, output O (float32, bf16 or fp16).
+// Returns false when a column does not have exactly s bits.
 #ifdef COSPADI_EXPAND
 inline void put16(float* o, __m512 v) { _mm512_storeu_ps(o, v); }
 inline void put16(c10::Half* o, __m512 v) {
@@ -51,12 +51,12 @@ inline void put16(c10::BFloat16* o, __m512 v) {  // round to nearest even, as to
 
 template <typename V, typename O>
 bool dense_rows(const V* vals, const uint16_t* pat, O* out, int64_t k, int64_t d2, int64_t s, int64_t words,
-                int64_t begin, int64_t end) {
+                int64_t begin, int64_t end, int64_t ld) {
   const uint32_t tail = tail_bits(k, words);
   for (int64_t j = begin; j < end; ++j) {
     const V* v = vals + j * s;
     const uint16_t* p = pat + j * words;
-    O* row = out + j * k;
+    O* row = out + (j - begin) * ld;
     if (!column_count(p, words, tail, s)) return false;
 #ifdef COSPADI_EXPAND
     const bool inside = (j + 1) * s + WORD <= d2 * s;  // unmasked loads stay inside the array (walk_column)

@@ -27,16 +27,20 @@ from .bitmask import words_to_bits, words_to_rows
 from .ell_native_source import PAD_ROWS
 
 PATHS = ("auto", "dense", "sparse")
-# input rows (tokens x batch) up to which the CPU takes the sparse path, by compute dtype (others: float32's);
-# at bf16 six idle bench-infer runs measured the sparse / dense whole-model time at 0.26-0.91 up to 8 tokens and
-# 0.60-1.11 from 16 to 128 (the bf16 pair kernel, the runs disagreeing), 1.00-1.15 at 512; the switch sits where
-# every run agrees (docs/inference.md)
-SPARSE_MAX_ROWS = {torch.float32: 4096, torch.bfloat16: 8}
+# input rows (tokens x batch) up to which the CPU takes the sparse path; bench-infer's crossover tables measured
+# the sparse path at or below the dense path's time from 1 to 512 tokens at float32 and, since the bf16 panels
+# (ell_native_panels.py), at bf16 (docs/inference.md)
+SPARSE_MAX_ROWS = 4096
+# a bf16 model where the compiled kernels have no bf16 panels (no compiler, or a CPU without AVX-512 BF16): its
+# many-row sparse path would run float32 products (or the gather), so the sparse path stops at the walk's rows
+BF16_WALK_ROWS = 8
 
 
 def max_sparse_rows(dtype: torch.dtype) -> int:
     """The switch point of `dtype`: the most input rows the sparse path takes on the CPU."""
-    return SPARSE_MAX_ROWS.get(dtype, SPARSE_MAX_ROWS[torch.float32])
+    if dtype == torch.bfloat16 and not ell_native.has_bf16_panels():
+        return BF16_WALK_ROWS
+    return SPARSE_MAX_ROWS
 
 
 def choose_path(rows: int, device: torch.device, needs_grad: bool, dtype: torch.dtype = torch.float32) -> str:
