@@ -18,7 +18,7 @@ import ctypes
 import os
 from collections import defaultdict
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager, suppress
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -42,6 +42,7 @@ from ..models import LOAD_ERRORS
 from ..report import CompressionReport
 from ..storage.checkpoint import to_storage
 from ..storage.folder_checks import INDEX, SINGLE, _Damaged, _weight_map, check_safetensors
+from ..storage.memory import trim_heap
 from ..storage.stream import BlockStore, read_tensors, release, streamed_weights
 from .run import check_weights
 
@@ -310,11 +311,3 @@ def return_freed_memory(threshold: int = 2**20) -> bool:
         return bool(libc.mallopt(M_MMAP_THRESHOLD, threshold))
     except (OSError, AttributeError):
         return False
-
-
-def trim_heap() -> None:
-    """Give the free pages inside glibc's heap back to the system (malloc_trim; a no-op
-    off glibc): small freed objects, such as a tokenized corpus's Python integers, leave
-    pages no allocation above the mmap threshold will reuse."""
-    with suppress(OSError, AttributeError):
-        ctypes.CDLL(None).malloc_trim(0)

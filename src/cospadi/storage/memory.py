@@ -75,7 +75,9 @@ def trim_heap() -> bool:
     """Return the free memory at the top and inside the C heap to the system (glibc's
     malloc_trim). Turning the stored form of S into the ELL form (layers/linear.py)
     allocates and frees many temporaries; glibc keeps those pages, about 90 MiB for
-    SmolLM2-135M, resident for the life of the process. False where there is no glibc."""
+    SmolLM2-135M, resident for the life of the process. Small freed objects (a tokenized
+    corpus's Python integers) likewise leave pages that no allocation above the mmap
+    threshold reuses (pipeline/lazy.py). False where there is no glibc."""
     name = ctypes.util.find_library("c")
     try:
         libc = ctypes.CDLL(name) if name else None
