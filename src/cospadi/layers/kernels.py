@@ -13,7 +13,7 @@ when exact there).
   copy of D or of the values, and no row indices, are held. On the CPU for up to
   max_sparse_rows(dtype) rows.
 * dense: S^T is built in a (d2, k) buffer at the compute dtype for the call (the values
-  scattered into the set bits), then two GEMMs. For long bf16 inputs, GPUs and autograd.
+  scattered into the set bits), then two GEMMs. For long inputs, GPUs and autograd.
 Both give the same result up to float rounding (docs/inference.md)."""
 from __future__ import annotations
 
