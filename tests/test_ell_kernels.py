@@ -45,6 +45,21 @@ def test_bf16_panels_equal_brute_force(native, height):
                 assert torch.equal(got, expected.to(torch.bfloat16)) or rel(got, expected) < 4e-3, (s, width, n)
 
 
+def test_bf16_panels_reuse_their_buffer_across_panels_on_one_thread(native):
+    """One thread runs every panel in one buffer: the last, partial panel (100 = 48 + 48 + 4
+    columns) holds the previous panel's columns past its width, and only its own reach y."""
+    g = torch.Generator().manual_seed(7)
+    rows = torch.stack([torch.randperm(33, generator=g)[:9].sort().values for _ in range(100)], 1)
+    words, values, z = pattern_to_words(rows, 33), bf16_exact((100, 9), g), bf16_exact((40, 33), g)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        got = native.dict_bitmap(z, torch.eye(33, dtype=torch.bfloat16), values, words)
+    finally:
+        torch.set_num_threads(threads)
+    assert rel(got, brute_force_product(z, values, words, 33)) < 4e-3
+
+
 @pytest.mark.parametrize("atoms", [32768, 32769])
 def test_bf16_panels_at_the_int16_limit(native, atoms):
     """k at and past the old int16 limit (16384 atom pairs, the last one half empty at odd k):

@@ -92,7 +92,7 @@ def test_bf16_switch_point_follows_the_compiled_panels(monkeypatch):
     monkeypatch.setattr(ell_native, "has_bf16_panels", lambda: True)
     assert kernels.max_sparse_rows(torch.bfloat16) == kernels.BF16_PANEL_ROWS == 128
     monkeypatch.setattr(ell_native, "has_bf16_panels", lambda: False)
-    assert kernels.max_sparse_rows(torch.bfloat16) == kernels.BF16_WALK_ROWS == 8
+    assert kernels.max_sparse_rows(torch.bfloat16) == kernels.WALK_ROWS_BF16 == 8
     assert kernels.max_sparse_rows(torch.float32) == 4096
 
 

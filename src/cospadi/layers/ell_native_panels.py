@@ -101,10 +101,11 @@ void panel_rows(const uint16_t* z, int64_t k, const int32_t* panel, int64_t k2, 
 bool panel_columns(const uint16_t* z, int64_t n, int64_t k, const c10::BFloat16* vals, const uint16_t* pat,
                    uint16_t* y, int64_t d2, int64_t s, int64_t words, int64_t begin, int64_t end) {
   const int64_t k2 = (k + 1) / 2;
-  std::vector<int32_t> rows(PANEL_WIDTH * k2), panel(PANEL_WIDTH * k2);
+  // zeroed once: dense_rows rewrites atoms 0..k-1 of each panel's columns, so the atom past an odd k stays
+  // zero; the rows past d2 in the last panel keep earlier columns' values, whose sums are never stored
+  std::vector<int32_t> rows(PANEL_WIDTH * k2, 0), panel(PANEL_WIDTH * k2);
   for (int64_t p = begin; p < end; ++p) {
     const int64_t j = p * PANEL_WIDTH, width = std::min<int64_t>(PANEL_WIDTH, d2 - j);
-    std::fill(rows.begin(), rows.end(), 0);  // the columns past d2 and the atom past an odd k stay zero
     if (!dense_rows(vals, pat, reinterpret_cast<c10::BFloat16*>(rows.data()), k, d2, s, words, j, j + width, 2 * k2))
       return false;
     pack_panel(rows.data(), k2, panel.data());

@@ -12,6 +12,9 @@ from .ell_native_walk import WALK_SOURCE
 # from this many input rows a float32 D held at float32 is zero-padded for torch's GEMM of z = x D (the
 # operator's gemm_z and kernels.gemm_dictionary read this one value)
 PAD_ROWS = 256
+# up to this many input rows a bf16 model's sparse path walks the bits (walk_small); above it the bf16 panels
+# (the operator's dispatch and kernels.max_sparse_rows, where the panels are missing, read this one value)
+WALK_ROWS_BF16 = 8
 
 SOURCE_HEAD = r"""
 #include <ATen/ATen.h>
@@ -33,7 +36,7 @@ constexpr int64_t WORD = 16;  // bits per word of the pattern: column j's rows 1
 constexpr int64_t TILE = 16;  // rows of z per multiply-add in the batched kernel
 constexpr int64_t BLOCK = 64;  // columns whose rows are decoded together in the batched kernel
 constexpr int WALK_ROWS = 16;  // up to this many rows the bit walk runs (float32 products); above it the tiles
-constexpr int WALK_ROWS_BF16 = 8;  // the same for a bf16 model: above it the bf16 panels (ell_native_panels.py)
+constexpr int WALK_ROWS_BF16 = @WALK_ROWS_BF16@;  // the same for a bf16 model: above it the bf16 panels
 constexpr int64_t PAD_ROWS = @PAD_ROWS@;  // from this many rows a float32 D is padded for the GEMM (gemm_z)
 constexpr int64_t GEMM_ROWS = 32;  // above this many rows, z = x D goes to torch's GEMM (a float32 copy of D)
 typedef float v16f __attribute__((vector_size(64)));  // one AVX-512 register of floats (TILE of them)
@@ -197,15 +200,14 @@ at::Tensor dict_bitmap(const at::Tensor& x, const at::Tensor& dictionary, const 
   if (n == 0 || values.size(0) == 0) return at::zeros({n, values.size(0)}, x.options());
   auto pat = pattern.contiguous();
   auto dict = dictionary.contiguous();
-  const bool bf16_x = x.scalar_type() == at::kBFloat16;
   if (n > GEMM_ROWS)  // z at x's dtype (bf16 products for a bf16 model, as its dense path)
     return bitmap_any(gemm_z(x, dict, pat.size(1)), values, pat).to(x.scalar_type());
-  if (n <= (x.scalar_type() == at::kBFloat16 ? WALK_ROWS_BF16 : WALK_ROWS)) return walk_small(x, dict, values, pat);
+  const bool bf16 = x.scalar_type() == at::kBFloat16;
+  if (n <= (bf16 ? WALK_ROWS_BF16 : WALK_ROWS)) return walk_small(x, dict, values, pat);
   auto xf = x.to(at::kFloat).contiguous();
   auto z = at::empty({n, k}, xf.options());
   form_z(xf.data_ptr<float>(), dict, z.data_ptr<float>(), k, n);
-  const bool bf16_tiles = x.scalar_type() == at::kBFloat16;  // more rows than its walk: the bf16 kernel
-  return bitmap_any(bf16_tiles ? z.to(at::kBFloat16) : z, values, pat).to(x.scalar_type());
+  return bitmap_any(bf16 ? z.to(at::kBFloat16) : z, values, pat).to(x.scalar_type());  // bf16: the panels
 }
 
 // S^T (d2, k) at `dtype` (float32, bf16 or fp16) from values (d2, s) and pattern (d2, ceil(k / 16)).
@@ -257,4 +259,5 @@ TORCH_LIBRARY_IMPL(cospadi_ell, CPU, m) {
 }
 """
 
-SOURCE = SOURCE_HEAD.replace("@PAD_ROWS@", str(PAD_ROWS)) + WALK_SOURCE + TILES_SOURCE + PANELS_SOURCE + SOURCE_OPS
+HEAD = SOURCE_HEAD.replace("@PAD_ROWS@", str(PAD_ROWS)).replace("@WALK_ROWS_BF16@", str(WALK_ROWS_BF16))
+SOURCE = HEAD + WALK_SOURCE + TILES_SOURCE + PANELS_SOURCE + SOURCE_OPS

@@ -24,24 +24,23 @@ import torch.nn.functional as F
 
 from . import ell_native
 from .bitmask import words_to_bits, words_to_rows
-from .ell_native_source import PAD_ROWS
+from .ell_native_source import PAD_ROWS, WALK_ROWS_BF16
 
 PATHS = ("auto", "dense", "sparse")
-# input rows (tokens x batch) up to which the CPU takes the sparse path: bench-infer's crossover tables measured
-# its whole-model time against the dense path's at 0.31-0.78 from 1 to 128 tokens at float32 and 1.00 at 512; at
-# bf16 with the panels (ell_native_panels.py) 0.38-0.96 from 1 to 128 tokens and 1.06 at 512, so bf16 switches at
-# 128, where the runs agree (docs/inference.md)
+# input rows (tokens x batch) up to which the CPU takes the sparse path. bench-infer's crossover tables (runs
+# at 540d8f9 and 15d4060) measured its whole-model time against the dense path's at 0.22-0.83 from 1 to 128
+# tokens and 0.80-1.00 at 512 at float32; at bf16 with the panels (ell_native_panels.py) 0.37-0.99 from 1 to
+# 128 tokens and 0.94-1.06 at 512, so bf16 switches at 128, where the runs agree (docs/inference.md). Where
+# the compiled kernels have no bf16 panels (no compiler, or a CPU without AVX-512 BF16) a bf16 model's
+# many-row sparse path would run float32 products (or the gather), so it stops at the walk's rows.
 SPARSE_MAX_ROWS = 4096
 BF16_PANEL_ROWS = 128
-# a bf16 model whose compiled kernels have no bf16 panels (no compiler, or a CPU without AVX-512 BF16): its
-# many-row sparse path would run float32 products (or the gather), so it stops at the walk's rows
-BF16_WALK_ROWS = 8
 
 
 def max_sparse_rows(dtype: torch.dtype) -> int:
     """The switch point of `dtype`: the most input rows the sparse path takes on the CPU."""
     if dtype == torch.bfloat16:
-        return BF16_PANEL_ROWS if ell_native.has_bf16_panels() else BF16_WALK_ROWS
+        return BF16_PANEL_ROWS if ell_native.has_bf16_panels() else WALK_ROWS_BF16
     return SPARSE_MAX_ROWS
 
 
