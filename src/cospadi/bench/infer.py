@@ -20,7 +20,8 @@ import sys
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from transformers import AutoModelForCausalLM, AutoTokenizer
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 from .. import api
 from ..budget import check_ratio
@@ -37,6 +38,7 @@ from ..solvers import SolverOptions
 from ..storage.checkpoint import parse_dtype, save, to_storage
 from ..storage.folder_checks import check_safetensors, read_config, weight_files
 from .sweep import write_section
+from .synthetic import SHAPES, check_shapes, save_random_folders
 
 TARGETS = {"linear bytes": 0.71, "decode": 1.4, "prefill": 1.0, "peak memory": 0.85}  # vs dense (issue 15)
 # the two prefill measurements: figure name -> the worker's timings (infer_worker.Runner.prefill / first_token)
@@ -67,10 +69,13 @@ class InferBench:
     profile: bool = False
     crossover: tuple[int, ...] = (1, 2, 4, 8, 16, 32, 64, 128, 512)
     options: SolverOptions = field(default_factory=SolverOptions)
+    shapes: str | None = None  # random weights at a larger model's shapes (synthetic.py) instead of `model`
 
     def check(self) -> None:
         """CospadiError for any unusable setting, before any work."""
         check_ratio(self.ratio)
+        if self.shapes is not None:
+            check_shapes(self.shapes)
         for method in self.methods:
             get_method(method)
         parse_dtype(self.storage_dtype)
@@ -89,6 +94,10 @@ class InferBench:
     def key(self) -> str:
         """Names the cached folders: everything that changes what is saved."""
         digest = hashlib.sha1(repr((self.model, self.data, self.options)).encode()).hexdigest()[:8]
+        if self.shapes is not None:
+            digest = hashlib.sha1(repr((self.shapes, self.options)).encode()).hexdigest()[:8]
+            return (f"{self.shapes}-random-r{self.ratio:g}-{self.storage_dtype}-c{self.coef_bits or 'full'}"
+                    f"-s{self.seed}-{digest}")
         return (f"{Path(self.model).name}-{Path(self.data).stem}-r{self.ratio:g}-{self.storage_dtype}"
                 f"-c{self.coef_bits or 'full'}-n{self.calib_samples}x{self.seq_len}-s{self.seed}-{digest}")
 
@@ -97,6 +106,10 @@ def prepare_folders(bench: InferBench, work: Path, progress: bool) -> dict[str, 
     """Saved folders for "dense" and every method, made once under work/bench.key."""
     root = work / bench.key
     folders = {"dense": root / "dense", **{method: root / method for method in bench.methods}}
+    if bench.shapes is not None:
+        save_random_folders(bench.shapes, folders, bench.ratio, bench.options, bench.seed, bench.storage_dtype,
+                            bench.coef_bits)
+        return folders
     if not (folders["dense"] / "config.json").is_file():
         model, tokenizer = load_model(bench.model)
         to_storage(model, bench.storage_dtype)
@@ -146,7 +159,8 @@ def run_worker(spec: dict) -> dict:
 
 def held_out_tokens(bench: InferBench, dense: Path) -> list[int]:
     """Enough held-out tokens for the largest prefill batch (and the prompt)."""
-    model = AutoModelForCausalLM.from_pretrained(dense)
+    with torch.device("meta"):  # the config is all evaluation_ids reads of the model
+        model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(dense))
     tokenizer = AutoTokenizer.from_pretrained(dense)
     _, eval_texts = load_corpus(bench.data)
     windows = api.evaluation_ids(model, tokenizer, eval_texts, bench.prefill_len, max(bench.batches))
@@ -261,7 +275,10 @@ def describe(bench: InferBench, command: str, results: dict[str, dict[str, dict]
     """The header saying what was measured and how to reproduce it."""
     scope = next(iter(next(iter(results.values())).values()))["peak_rss_scope"]
     load = " / ".join(f"{x:.2f}" for x in detail.get("load", ())) or "unknown"
-    return (f"Model `{bench.model}` at ratio {bench.ratio:g}; every model saved at {bench.storage_dtype}"
+    subject = f"Model `{bench.model}`" if bench.shapes is None else (
+        f"Random weights at the shapes of `{bench.shapes}` (bench/synthetic.py: dense weights and every method's "
+        "factors drawn at random, so no quality; bytes, speed and memory depend on the shapes alone)")
+    return (f"{subject} at ratio {bench.ratio:g}; every model saved at {bench.storage_dtype}"
             f"{f' with {bench.coef_bits}-bit values of S' if bench.coef_bits else ''} and run at "
             f"{', '.join(bench.compute_dtypes)} on {bench.threads} CPU threads; cospadi with rho={bench.options.rho:g} "
             f"and update={bench.options.update}; speeds from one process per run dtype "
@@ -307,6 +324,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     d = InferBench()
     p.add_argument("--model", default=d.model, help="built-in name, local folder or hub id")
     p.add_argument("--data", default=d.data, help="'wiki' or a .txt / .jsonl file (calibration and prompts)")
+    p.add_argument("--shapes", choices=sorted(SHAPES), default=None,
+                   help="instead of --model: random weights and random factors at this larger model's shapes "
+                        "(bytes, speed and memory only; no calibration, no quality)")
     p.add_argument("--ratio", type=float, default=d.ratio, help="compression ratio of both methods")
     p.add_argument("--methods", default=",".join(d.methods), help=f"comma-separated, from {', '.join(method_names())}")
     p.add_argument("--storage-dtype", default=d.storage_dtype, help="dtype of every saved folder")
@@ -346,4 +366,4 @@ def from_args(args: argparse.Namespace) -> InferBench:
                       seed=args.seed, prompt_len=args.prompt_len, new_tokens=args.new_tokens,
                       prefill_len=args.prefill_len, batches=batches, repeats=args.repeats, threads=args.threads,
                       dense_path_row=not args.no_dense_path_row, profile=args.profile,
-                      options=SolverOptions(update=args.update, rho=args.rho))
+                      options=SolverOptions(update=args.update, rho=args.rho), shapes=args.shapes)
