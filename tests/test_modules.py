@@ -85,12 +85,12 @@ def test_choose_path_by_rows_device_autograd_and_dtype():
 
 
 def test_bf16_switch_point_follows_the_compiled_panels(monkeypatch):
-    """With the bf16 panels a bf16 model's sparse path takes up to 128 rows; without them
+    """With the bf16 panels a bf16 model's sparse path takes up to 512 rows; without them
     (no compiler, no AVX-512 BF16) it stops at the walk's rows."""
     from cospadi.layers import ell_native
 
     monkeypatch.setattr(ell_native, "has_bf16_panels", lambda: True)
-    assert kernels.max_sparse_rows(torch.bfloat16) == kernels.BF16_PANEL_ROWS == 128
+    assert kernels.max_sparse_rows(torch.bfloat16) == kernels.BF16_PANEL_ROWS == 512
     monkeypatch.setattr(ell_native, "has_bf16_panels", lambda: False)
     assert kernels.max_sparse_rows(torch.bfloat16) == kernels.WALK_ROWS_BF16 == 8
     assert kernels.max_sparse_rows(torch.float32) == 4096

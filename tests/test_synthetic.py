@@ -71,3 +71,10 @@ def _weights(folder, linears) -> list[torch.Tensor]:
     modules = [model.get_submodule(name) for name in linears]
     assert all(type(m) is nn.Linear for m in modules)
     return [m.weight for m in modules]
+
+
+def test_section_names_the_run_dtypes_only_when_they_are_not_the_default():
+    default = bench_infer.InferBench()
+    assert default.section == f"infer-{default.key}"
+    bf16 = bench_infer.InferBench(compute_dtypes=("bfloat16",))
+    assert bf16.key == default.key and bf16.section == f"infer-{default.key}-bfloat16"  # the same saved folders

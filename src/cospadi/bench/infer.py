@@ -102,6 +102,13 @@ class InferBench:
                 f"-c{self.coef_bits or 'full'}-n{self.calib_samples}x{self.seq_len}-s{self.seed}-{digest}")
 
 
+    @property
+    def section(self) -> str:
+        """Names the BENCHMARKS.md section: the key, and the run dtypes when not the default's."""
+        dtypes = "" if self.compute_dtypes == InferBench.compute_dtypes else "-" + "+".join(self.compute_dtypes)
+        return f"infer-{self.key}{dtypes}"
+
+
 def prepare_folders(bench: InferBench, work: Path, progress: bool) -> dict[str, Path]:
     """Saved folders for "dense" and every method, made once under work/bench.key."""
     root = work / bench.key
@@ -315,7 +322,7 @@ def run(bench: InferBench, work: Path, output: Path | None, command: str, progre
         if profiles:
             body += "\n\n" + "\n\n".join(profiles)
     if output is not None:
-        write_section(output, f"infer-{bench.key}", body)
+        write_section(output, bench.section, body)
     return rows
 
 
