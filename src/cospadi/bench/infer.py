@@ -93,14 +93,13 @@ class InferBench:
     @property
     def key(self) -> str:
         """Names the cached folders: everything that changes what is saved."""
-        digest = hashlib.sha1(repr((self.model, self.data, self.options)).encode()).hexdigest()[:8]
         if self.shapes is not None:
             digest = hashlib.sha1(repr((self.shapes, self.options)).encode()).hexdigest()[:8]
             return (f"{self.shapes}-random-r{self.ratio:g}-{self.storage_dtype}-c{self.coef_bits or 'full'}"
                     f"-s{self.seed}-{digest}")
+        digest = hashlib.sha1(repr((self.model, self.data, self.options)).encode()).hexdigest()[:8]
         return (f"{Path(self.model).name}-{Path(self.data).stem}-r{self.ratio:g}-{self.storage_dtype}"
                 f"-c{self.coef_bits or 'full'}-n{self.calib_samples}x{self.seq_len}-s{self.seed}-{digest}")
-
 
     @property
     def section(self) -> str:
