@@ -27,17 +27,15 @@ from .bitmask import words_to_bits, words_to_rows
 from .ell_native_source import PAD_ROWS, WALK_ROWS_BF16
 
 PATHS = ("auto", "dense", "sparse")
-# input rows (tokens x batch) up to which the CPU takes the sparse path. bench-infer's crossover tables (runs
-# at 540d8f9 and 15d4060) measured its whole-model time against the dense path's at 0.22-0.83 from 1 to 128
-# tokens and 0.80-1.00 at 512 at float32. At bf16 with the panels (ell_native_panels.py): 0.37-0.99 from 1 to
-# 128 tokens on SmolLM2-135M, and at 512 tokens 0.94 and 1.06 there, 0.88 at SmolLM2-360M's shapes and 0.935
-# at SmolLM2-1.7B's (bench-infer --shapes, b699506), so bf16 switches at 512; the bf16 reruns after it (864c38a)
-# measured 512-token prefill at 1.01x/1.00x/0.97x dense on the panels against 0.95x/1.00x/0.93x on the dense
-# path (135M, 360M, 1.7B shapes); 4096 rows (batch-8 prefill) went
-# 0.951x dense on the panels against 0.973x on the dense path in the one run that measured both, and stays
-# dense (docs/inference.md). Where the compiled kernels have no bf16 panels (no compiler, or a CPU without
-# AVX-512 BF16) a bf16 model's many-row sparse path would run float32 products (or the gather), so it stops
-# at the walk's rows.
+# input rows (tokens x batch) up to which the CPU takes the sparse path, chosen from bench-infer's crossover
+# tables (whole-model time, sparse path / dense path; docs/inference.md has every run). float32: 0.22-0.83
+# from 1 to 128 tokens and 0.80-1.00 at 512 (540d8f9, 15d4060). bf16 with the panels (ell_native_panels.py):
+# 0.37-0.99 from 1 to 128 tokens on SmolLM2-135M; at 512 tokens 0.88-1.06 over seven runs at 135M and at
+# SmolLM2-360M's and SmolLM2-1.7B's shapes (bench-infer --shapes), below 1 in five, so bf16
+# switches at 512. 4096 rows (batch-8 prefill) stay dense: 0.951x dense on the panels against 0.973x on the
+# dense path in the one run that measured both. Where the compiled kernels have no bf16 panels (no compiler,
+# or a CPU without AVX-512 BF16) a bf16 model's many-row sparse path would run float32 products (or the
+# gather), so it stops at the walk's rows.
 SPARSE_MAX_ROWS = 4096
 BF16_PANEL_ROWS = 512
 
